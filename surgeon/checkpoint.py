@@ -1,0 +1,141 @@
+"""The grown checkpoint (``grown.pt``): one file that ``torch.load(..., weights_only=True)`` reads.
+
+It holds only tensors and plain JSON-able data — never pickled modules — so opening an untrusted
+checkpoint cannot run code. The model is rebuilt by replaying the growth recipe on the base
+architecture and loading the state dict.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from surgeon import __version__
+from surgeon.errors import CheckpointError
+from surgeon.fileio import atomic_write
+from surgeon.grow.analysis import trace
+from surgeon.grow.ops import GrowthState, apply_steps
+from surgeon.grow.recipe import Step, recipe_from_json, recipe_to_json
+from surgeon.preprocessing import Preprocessing
+
+FORMAT = "surgeon.checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """Everything in a ``grown.pt`` except the tensors' meaning, which the recipe gives."""
+
+    model: str                                   # architecture spec, e.g. torchvision:resnet18
+    weights: str                                 # where the base weights came from
+    recipe: list[Step]
+    classes: list[str]
+    preprocessing: Preprocessing
+    state_dict: dict[str, torch.Tensor]
+    history: dict[str, Any] = field(default_factory=dict)   # per-epoch metrics and γ statistics
+    train_args: dict[str, Any] = field(default_factory=dict)
+    surgeon_version: str = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "surgeon_version": self.surgeon_version,
+            "base": {"model": self.model, "weights": self.weights},
+            "recipe": recipe_to_json(self.recipe),
+            "classes": list(self.classes),
+            "preprocessing": self.preprocessing.to_dict(),
+            "state_dict": self.state_dict,
+            "history": self.history,
+            "train_args": self.train_args,
+        }
+
+    def build_model(self, *, trust_code: bool = False) -> fx.GraphModule:
+        """Replay the recipe on the base architecture and load the weights."""
+        from surgeon.zoo import build_architecture
+
+        gm = trace(build_architecture(self.model, trust_code=trust_code))
+        state = GrowthState(input_size=self.preprocessing.input_size)
+        apply_steps(gm, self.recipe, state)
+        try:
+            gm.load_state_dict(self.state_dict)
+        except RuntimeError as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            raise CheckpointError(f"the checkpoint's weights do not fit its recipe: {(lines[1] if len(lines) > 1 else lines[0])[:300]}") from None
+        gm.surgeon_state = state  # type: ignore[attr-defined]
+        gm.surgeon_checkpoint = self  # type: ignore[attr-defined]
+        gm.eval()
+        return gm
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
+    """Write ``ckpt`` atomically."""
+    data = ckpt.to_dict()
+    data["state_dict"] = {k: v.detach().cpu().clone() for k, v in ckpt.state_dict.items()}
+    return atomic_write(path, lambda tmp: torch.save(data, tmp))
+
+
+def read_raw(path: str | Path, map_location: str = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with one-line errors for missing, corrupt and unsafe files."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    if p.is_dir():
+        raise CheckpointError(f"{p} is a directory, not a checkpoint file")
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        msg = str(exc)
+        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+            raise CheckpointError(
+                f"{p} contains pickled Python objects, which surgeon refuses to load (loading them could run code)"
+            ) from None
+        raise CheckpointError(f"{p} is corrupt or not a torch file ({msg.splitlines()[0] if msg else 'unpickling failed'})") from None
+    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{p} is corrupt or not a torch checkpoint ({first})") from None
+
+
+def read_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
+    """Read and validate a surgeon checkpoint (without building the model)."""
+    return checkpoint_from_dict(read_raw(path, map_location), path)
+
+
+def checkpoint_from_dict(raw: Any, path: str | Path) -> Checkpoint:
+    p = Path(path)
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        hint = " (it looks like a plain state dict: pass it as --weights)" if isinstance(raw, dict) and raw and all(
+            isinstance(v, torch.Tensor) for v in raw.values()) else ""
+        raise CheckpointError(f"{p} is not a surgeon checkpoint{hint}")
+    version = raw.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{p} has checkpoint format version {version!r}; this surgeon ({__version__}) reads up to {FORMAT_VERSION}: upgrade surgeon")
+    try:
+        base = raw["base"]
+        ckpt = Checkpoint(
+            model=str(base["model"]),
+            weights=str(base.get("weights", "")),
+            recipe=recipe_from_json(raw["recipe"]),
+            classes=[str(c) for c in raw["classes"]],
+            preprocessing=Preprocessing.from_dict(raw["preprocessing"]),
+            state_dict=dict(raw["state_dict"]),
+            history=dict(raw.get("history") or {}),
+            train_args=dict(raw.get("train_args") or {}),
+            surgeon_version=str(raw.get("surgeon_version", "")),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{p} is a damaged surgeon checkpoint (missing or bad field: {exc})") from None
+    if not all(isinstance(v, torch.Tensor) for v in ckpt.state_dict.values()):
+        raise CheckpointError(f"{p} is a damaged surgeon checkpoint (its state dict holds non-tensors)")
+    return ckpt
+
+
+def load_model(path: str | Path, *, trust_code: bool = False, map_location: str = "cpu") -> fx.GraphModule:
+    """Rebuild the grown model from ``path``; see :meth:`Checkpoint.build_model`."""
+    return read_checkpoint(path, map_location).build_model(trust_code=trust_code)

@@ -1,0 +1,31 @@
+"""The ``surgeon`` command line (click): one sub-command per module in :mod:`surgeon.commands`."""
+
+from __future__ import annotations
+
+import click
+
+from surgeon import __version__
+from surgeon.commands.common import CONTEXT
+from surgeon.commands.finetune import finetune
+from surgeon.commands.layers import layers
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="surgeon")
+def cli() -> None:
+    """Grow pretrained networks, fine-tune them, and deploy them.
+
+    \b
+    Example (offline, minutes on a laptop CPU):
+      surgeon layers --model models/digitnet.pt
+      surgeon finetune --model models/digitnet.pt --data builtin:digits-target \\
+          --grow wide --layer classifier.3 --units 128 --output-dir runs/wide
+    """
+
+
+cli.add_command(layers)
+cli.add_command(finetune)
+
+
+def main() -> None:
+    cli(prog_name="surgeon")

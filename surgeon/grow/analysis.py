@@ -1,0 +1,389 @@
+"""Graph analysis: where can units be added, and what reads them.
+
+Kept apart from the edits (``surgeon.grow.ops``) that use it. A *site* is a named Linear/Conv2d
+layer, the chain of elementwise ops that follows it (BatchNorm, activations, dropout), and the
+linear ops that finally consume its channels, possibly through pooling and flattening. Growth is
+well defined only when every path from the layer ends in such a consumer; anything else (a residual
+add, a concat, a product with another tensor, a model output, a grouped conv) is refused with the
+reason.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from surgeon.errors import GrowthError
+from surgeon.grow.grownorm import GrowNorm
+from surgeon.grow.modules import SURGEON_LEAF_MODULES, SplitBatchNorm, Widened
+
+# Elementwise modules: act on each channel independently and keep the shape, so new channels can
+# pass through them unchanged. Dropout/Identity additionally commute with a per-channel scale.
+_ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh,
+)
+_PASS_MODULES: tuple[type[nn.Module], ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
+_BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, SplitBatchNorm)
+_POOL_MODULES: tuple[type[nn.Module], ...] = (
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+)
+_ACT_FUNCTIONS = {
+    F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu,
+    F.selu, F.mish, torch.sigmoid, torch.tanh, F.softplus, F.hardtanh, torch.nn.functional.relu_,
+}
+_PASS_FUNCTIONS = {F.dropout, F.dropout2d, F.alpha_dropout}
+_ACT_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp_min", "contiguous"}
+_POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+_FLATTEN_FUNCTIONS = {torch.flatten}
+_FLATTEN_METHODS = {"flatten", "view", "reshape"}
+_MIXING_FUNCTIONS = {
+    operator.add: "a residual add", torch.add: "a residual add", operator.iadd: "a residual add",
+    torch.cat: "a concat", torch.concat: "a concat", operator.mul: "a product with another tensor",
+    torch.mul: "a product with another tensor", operator.sub: "a subtraction", torch.stack: "a stack",
+}
+
+
+class SurgeonTracer(fx.Tracer):
+    """torch.fx tracer that keeps torch.nn modules and surgeon's own modules as single nodes."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (GrowNorm, *SURGEON_LEAF_MODULES)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolically trace ``model`` (a GraphModule is returned as is)."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    try:
+        graph = SurgeonTracer().trace(model)
+    except Exception as exc:  # fx raises many types; the user needs the first line only
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GrowthError(
+            f"{type(model).__name__} cannot be traced by torch.fx ({first}); growth needs a model whose "
+            "forward has no data-dependent control flow"
+        ) from exc
+    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+
+
+def propagate_shapes(gm: fx.GraphModule, input_size: int) -> None:
+    """Record every node's output shape in ``node.meta['tensor_meta']`` from one dummy image."""
+    was_training = gm.training
+    gm.eval()
+    try:
+        param = next(gm.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.zeros(1, 3, input_size, input_size, device=device))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GrowthError(f"the model does not run on a 3x{input_size}x{input_size} image ({first}); check --input-size") from exc
+    finally:
+        gm.train(was_training)
+
+
+def shape_of(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def is_growable_layer(module: nn.Module) -> bool:
+    """Linear or ungrouped Conv2d (possibly already grown)."""
+    if isinstance(module, Widened):
+        return is_growable_layer(module.old)
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1
+    return isinstance(module, nn.Linear)
+
+
+def is_linear_op(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Conv2d, Widened))
+
+
+@dataclass
+class Consumer:
+    """A linear op that reads the layer's channels; each channel spans ``positions`` of its inputs
+    (1 unless a flatten sits in between, then H·W, channel-major)."""
+
+    name: str
+    node: fx.Node
+    positions: int
+
+
+@dataclass
+class Site:
+    layer: str
+    node: fx.Node
+    channels: int
+    rank: int                                    # rank of the layer's output (2: features, 4: maps)
+    chain: list[fx.Node] = field(default_factory=list)   # elementwise nodes right after the layer
+    batchnorms: list[str] = field(default_factory=list)
+    norm_after: fx.Node | None = None            # GrowNorm goes right after this node
+    tail: fx.Node | None = None                  # last node of the chain; consumers read from here
+    consumers: list[Consumer] = field(default_factory=list)
+    grown_norm: str | None = None                # a GrowNorm already in the chain (layer was grown)
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    return gm.get_submodule(str(node.target))
+
+
+def _only_tensor_arg(node: fx.Node, src: fx.Node) -> bool:
+    """``node`` reads ``src`` as its first argument and no other graph value."""
+    others = [a for a in node.all_input_nodes if a is not src]
+    return bool(node.args) and node.args[0] is src and not others
+
+
+def _classify(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> str:
+    """What ``node`` does to the channels of its input ``src``:
+    'bn', 'act', 'pass', 'norm', 'pool', 'flatten', 'linear', or 'stop:<reason>'."""
+    if node.op == "output":
+        return "stop:is a model output"
+    if node.op == "call_module":
+        m = _module(gm, node)
+        if isinstance(m, GrowNorm):
+            return "norm"
+        if isinstance(m, _BATCHNORMS):
+            return "bn"
+        if isinstance(m, _ACTIVATIONS) or (isinstance(m, nn.PReLU) and m.num_parameters == 1):
+            return "act"
+        if isinstance(m, _PASS_MODULES):
+            return "pass"
+        if isinstance(m, _POOL_MODULES):
+            return "pool"
+        if isinstance(m, nn.Flatten):
+            return "flatten" if m.start_dim == 1 and m.end_dim == -1 else f"stop:feeds {node.target} (a Flatten not from dim 1)"
+        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            return f"stop:feeds the grouped/depthwise conv {node.target}"
+        if isinstance(m, nn.Sequential) and len(m) and is_linear_op(m[0]):
+            return "linear"  # a block inserted by deep growth
+        if is_linear_op(m):
+            return "linear"
+        return f"stop:feeds {node.target} ({type(m).__name__}), which surgeon cannot widen through"
+    if not _only_tensor_arg(node, src):
+        target = node.target
+        what = _MIXING_FUNCTIONS.get(target) if node.op == "call_function" else None
+        if what is None and node.op == "call_method" and target in ("add", "add_", "mul", "mul_", "sub"):
+            what = "a residual add" if str(target).startswith("add") else "an elementwise op with another tensor"
+        return f"stop:feeds {what or repr(node.name)} ({node.name})"
+    if node.op == "call_function":
+        if node.target in _ACT_FUNCTIONS:
+            return "act"
+        if node.target in _PASS_FUNCTIONS:
+            return "pass"
+        if node.target in _POOL_FUNCTIONS:
+            return "pool"
+        if node.target in _FLATTEN_FUNCTIONS:
+            return "flatten"
+    if node.op == "call_method":
+        if node.target in _ACT_METHODS:
+            return "act"
+        if node.target in _FLATTEN_METHODS:
+            return "flatten"
+        if node.target == "mean":
+            return "pool"
+    return f"stop:feeds {node.name} ({node.target}), which surgeon cannot widen through"
+
+
+def _check_pool_or_flatten(kind: str, node: fx.Node, in_shape: tuple[int, ...], channels: int) -> str | None:
+    """Shape check for ops between the chain and the consumer: pooling keeps dim 1 = C, flattening
+    must be channel-major from dim 1. Returns a refusal reason or None."""
+    out = shape_of(node)
+    if out is None:
+        return f"the shape after {node.name} is unknown"
+    if kind == "pool":
+        if len(out) < 2 or out[1] != in_shape[1]:
+            return f"{node.name} does not keep channels on dim 1"
+        return None
+    spatial = 1
+    for s in in_shape[2:]:
+        spatial *= s
+    if len(out) != 2 or out[0] != in_shape[0] or out[1] != in_shape[1] * spatial:
+        return f"{node.name} reshapes the channels in a way surgeon cannot follow ({list(in_shape)} -> {list(out)})"
+    return None
+
+
+def find_site(gm: fx.GraphModule, layer: str) -> Site:
+    """Analyse ``layer`` (a qualified module name). Shapes must have been propagated.
+
+    Returns the site with ``consumers`` filled, or raises GrowthError saying why growth is
+    ill-defined there (unknown name, not a Linear/Conv2d, a residual add downstream, ...) and which
+    layers nearby can be grown instead.
+    """
+    try:
+        return _analyse(gm, layer)
+    except GrowthError as exc:
+        raise GrowthError(f"{exc}; {suggest(gm, layer)}") from None
+
+
+def _analyse(gm: fx.GraphModule, layer: str) -> Site:
+    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) == layer]
+    if not nodes:
+        known = dict(gm.named_modules())
+        if layer in known:
+            raise GrowthError(f"'{layer}' ({type(known[layer]).__name__}) is not used by the model's forward")
+        raise GrowthError(f"the model has no layer named '{layer}'")
+    module = gm.get_submodule(layer)
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        raise GrowthError(f"'{layer}' is a grouped/depthwise conv (groups={module.groups}), whose channels cannot be grown independently")
+    if not is_growable_layer(module):
+        raise GrowthError(f"'{layer}' is a {type(module).__name__}, not a Linear or Conv2d layer")
+    if len(nodes) > 1:
+        raise GrowthError(f"'{layer}' is called {len(nodes)} times in the forward (shared weights); growth needs a layer used once")
+    node = nodes[0]
+    shape = shape_of(node)
+    if shape is None or len(shape) not in (2, 4):
+        raise GrowthError(f"'{layer}' produces a tensor of shape {shape}; surgeon grows layers whose output is [N, C] or [N, C, H, W]")
+    site = Site(layer=layer, node=node, channels=shape[1], rank=len(shape))
+
+    # 1. The chain: single-user elementwise ops right after the layer.
+    cur = node
+    site.norm_after = node
+    while len(cur.users) == 1:
+        nxt = next(iter(cur.users))
+        kind = _classify(gm, nxt, cur)
+        if kind not in ("bn", "act", "pass", "norm"):
+            break
+        site.chain.append(nxt)
+        if kind == "bn":
+            site.batchnorms.append(str(nxt.target))
+        if kind == "norm":
+            site.grown_norm = str(nxt.target)
+        if kind != "pass":
+            site.norm_after = nxt
+        cur = nxt
+    site.tail = cur
+
+    # 2. The region from the tail to the linear consumers.
+    _walk_region(gm, site, cur, shape_of(cur) or shape, positions=1)
+    if not site.consumers:
+        raise GrowthError(f"'{layer}' feeds no linear layer")
+    return site
+
+
+def _walk_region(gm: fx.GraphModule, site: Site, src: fx.Node, src_shape: tuple[int, ...], positions: int) -> None:
+    for user in list(src.users):
+        kind = _classify(gm, user, src)
+        if kind.startswith("stop:"):
+            raise GrowthError(f"cannot grow '{site.layer}': its output {kind[5:]}")
+        if kind == "linear":
+            m = _module(gm, user)
+            if isinstance(m, nn.Linear) and len(src_shape) != 2:
+                raise GrowthError(f"cannot grow '{site.layer}': {user.target} applies a Linear to a rank-{len(src_shape)} tensor")
+            site.consumers.append(Consumer(str(user.target), user, positions))
+            continue
+        if kind in ("pool", "flatten"):
+            reason = _check_pool_or_flatten(kind, user, src_shape, site.channels)
+            if reason:
+                raise GrowthError(f"cannot grow '{site.layer}': {reason}")
+            out = shape_of(user)
+            assert out is not None
+            if kind == "flatten":
+                positions *= out[1] // src_shape[1]
+            _walk_region(gm, site, user, out, positions)
+            continue
+        _walk_region(gm, site, user, shape_of(user) or src_shape, positions)
+
+
+def head_name(gm: fx.GraphModule) -> str:
+    """The classifier head: the linear op whose output is the model output (through pass-through ops)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    cur = out.args[0]
+    while isinstance(cur, fx.Node):
+        if cur.op == "call_module":
+            m = _module(gm, cur)
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, Widened):
+                return str(cur.target)
+            if not isinstance(m, (*_PASS_MODULES, nn.Flatten, *_POOL_MODULES)):
+                break
+        elif not (cur.op in ("call_function", "call_method") and len(cur.all_input_nodes) == 1):
+            break
+        cur = cur.all_input_nodes[0] if cur.all_input_nodes else None
+    raise GrowthError("cannot find the classifier head (a Linear/Conv2d whose output is the model output); pass --head NAME")
+
+
+@dataclass
+class LayerInfo:
+    name: str
+    kind: str                   # "Linear" / "Conv2d"
+    in_channels: int
+    out_channels: int
+    kernel: str
+    out_shape: tuple[int, ...] | None
+    is_head: bool
+    wide: str                   # "ok" or the reason it cannot be widened
+    deep: str                   # "ok" or the reason nothing can be inserted after it
+
+
+def layer_table(gm: fx.GraphModule) -> list[LayerInfo]:
+    """Every Linear/Conv2d the forward calls, with whether it can be widened or deepened after."""
+    from surgeon.grow.modules import in_channels, out_channels
+
+    try:
+        head = head_name(gm)
+    except GrowthError:
+        head = None
+    rows = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = gm.get_submodule(str(node.target))
+        if not isinstance(m, (nn.Linear, nn.Conv2d, Widened)):
+            continue
+        name = str(node.target)
+        base = m.old if isinstance(m, Widened) else m
+        kernel = "x".join(str(k) for k in base.kernel_size) if isinstance(base, nn.Conv2d) else "-"
+        wide = deep = "ok"
+        if name == head:
+            wide = deep = "classifier head (replaced for the new task)"
+        else:
+            try:
+                site = _analyse(gm, name)
+                if site.grown_norm or isinstance(m, Widened):
+                    wide = "already widened"
+            except GrowthError as exc:
+                wide = deep = _reason(str(exc))
+        kind = "Conv2d" if isinstance(base, nn.Conv2d) else "Linear"
+        rows.append(LayerInfo(name, kind, in_channels(m), out_channels(m), kernel,
+                              shape_of(node), name == head, wide, deep))
+    return rows
+
+
+def _reason(msg: str) -> str:
+    return msg.split(": ", 1)[1] if msg.startswith("cannot grow") else msg
+
+
+def suggest(gm: fx.GraphModule, near: str | None = None, limit: int = 6) -> str:
+    """'growable layers: a, b, c' — the growable layers closest to ``near`` in graph order."""
+    try:
+        head = head_name(gm)
+    except GrowthError:
+        head = None
+    names = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"
+             and is_growable_layer(gm.get_submodule(str(n.target))) and str(n.target) != head]
+    ok = []
+    for name in names:
+        try:
+            _analyse(gm, name)
+            ok.append(name)
+        except GrowthError:
+            pass
+    if not ok:
+        return "no layer of this model can be grown"
+    if near in names:
+        idx = names.index(near)
+        ok.sort(key=lambda n: abs(names.index(n) - idx))
+        shown = sorted(ok[:limit], key=names.index)
+    else:
+        shown = ok[-limit:]
+    more = "" if len(ok) <= len(shown) else f" (and {len(ok) - len(shown)} more: see `surgeon layers`)"
+    return "growable layers: " + ", ".join(shown) + more

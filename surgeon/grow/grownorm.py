@@ -1,0 +1,88 @@
+"""GrowNorm: the grouped L2-normalize-and-scale op of developmental transfer learning.
+
+For ``x`` of shape ``[N, C, *spatial]`` with channels split into groups (old units, new units; one
+group for a deepened layer)::
+
+    x̂_g = x_g / max(‖x_g‖₂, eps)     (norm over the group's channels, per sample and position)
+    y_c = γ_c · x̂_c                   (one learned scale per channel)
+
+This composite is the reference implementation (the CPU path and the oracle for fused kernels).
+``max(‖x‖, eps)`` is computed as ``sqrt(max(‖x‖², eps²))`` so an all-zero group (common after a
+ReLU) has a finite gradient: the clamp cuts the gradient through the norm instead of 0·inf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+DEFAULT_EPS = 1e-6
+
+
+def _check_groups(groups: Sequence[int]) -> tuple[int, ...]:
+    groups = tuple(int(g) for g in groups)
+    if not groups or any(g <= 0 for g in groups):
+        raise ValueError(f"GrowNorm groups must be positive channel counts, got {groups}")
+    return groups
+
+
+def grow_norm(
+    x: torch.Tensor,
+    groups: Sequence[int],
+    gamma: torch.Tensor | None = None,
+    eps: float = DEFAULT_EPS,
+) -> torch.Tensor:
+    """Functional GrowNorm over dim 1 of a rank ≥ 2 tensor; reductions run in at least fp32."""
+    if x.dim() < 2:
+        raise ValueError(f"GrowNorm needs a tensor of rank >= 2 ([N, C, ...]), got shape {tuple(x.shape)}")
+    groups = _check_groups(groups)
+    if x.shape[1] != sum(groups):
+        raise ValueError(f"GrowNorm groups {groups} sum to {sum(groups)} but the input has {x.shape[1]} channels")
+    work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    parts = torch.split(work, list(groups), dim=1)
+    scaled = [p * p.pow(2).sum(dim=1, keepdim=True).clamp_min(eps * eps).rsqrt() for p in parts]
+    y = scaled[0] if len(scaled) == 1 else torch.cat(scaled, dim=1)
+    if gamma is not None:
+        y = y * gamma.to(y.dtype).reshape((1, -1) + (1,) * (x.dim() - 2))
+    return y.to(x.dtype)
+
+
+class GrowNorm(nn.Module):
+    """Module form of :func:`grow_norm` with a learned per-channel ``gamma``.
+
+    ``gamma_init`` is kept for calibration: ``"auto"`` (set from data by
+    :func:`surgeon.grow.gamma.calibrate_gamma`) or a constant. ``role`` says how ``auto`` reads the
+    data: ``"wide"`` (group 0 holds the pretrained units) or ``"deep"`` (one group of new units).
+    """
+
+    def __init__(
+        self,
+        groups: Sequence[int],
+        eps: float = DEFAULT_EPS,
+        scale: bool = True,
+        gamma_init: float | str = "auto",
+        role: str = "wide",
+    ) -> None:
+        super().__init__()
+        self.groups = _check_groups(groups)
+        self.eps = float(eps)
+        self.gamma_init = gamma_init
+        self.role = role
+        channels = sum(self.groups)
+        if scale:
+            start = 1.0 if gamma_init == "auto" else float(gamma_init)
+            self.gamma: nn.Parameter | None = nn.Parameter(torch.full((channels,), start))
+        else:
+            self.register_parameter("gamma", None)
+
+    @property
+    def channels(self) -> int:
+        return sum(self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return grow_norm(x, self.groups, self.gamma, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}, eps={self.eps}, scale={self.gamma is not None}, role={self.role}"

@@ -1,0 +1,119 @@
+"""The modules growth leaves in a model.
+
+Old and new parameters stay separate tensors so that the pretrained part can be frozen or trained
+at the base learning rate while new units train at a multiple of it, and so the exported graph
+shows the old/new structure the export passes merge (two branches + Concat → one op).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def out_channels(layer: nn.Module) -> int:
+    """Number of output units/channels of a Linear/Conv2d-like layer (grown or not)."""
+    if isinstance(layer, Widened):
+        return out_channels(layer.old) + out_channels(layer.new)
+    if isinstance(layer, nn.Linear):
+        return layer.out_features
+    if isinstance(layer, nn.Conv2d):
+        return layer.out_channels
+    raise TypeError(f"{type(layer).__name__} is not a Linear or Conv2d layer")
+
+
+def in_channels(layer: nn.Module) -> int:
+    if isinstance(layer, Widened):
+        return in_channels(layer.old)
+    if isinstance(layer, nn.Linear):
+        return layer.in_features
+    if isinstance(layer, nn.Conv2d):
+        return layer.in_channels
+    raise TypeError(f"{type(layer).__name__} is not a Linear or Conv2d layer")
+
+
+class Widened(nn.Module):
+    """A widened layer: the pretrained ``old`` units and the ``new`` ones read the same input;
+    their outputs are concatenated on the channel dimension."""
+
+    def __init__(self, old: nn.Module, new: nn.Module) -> None:
+        super().__init__()
+        self.old = old
+        self.new = new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.old(x), self.new(x)], dim=1)
+
+
+class SplitBatchNorm(nn.Module):
+    """A BatchNorm whose input gained channels: the pretrained statistics stay with the old ones."""
+
+    def __init__(self, old: nn.modules.batchnorm._BatchNorm, new: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.old = old
+        self.new = new
+
+    @property
+    def num_features(self) -> int:
+        return self.old.num_features + self.new.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.old.num_features
+        return torch.cat([self.old(x[:, :c]), self.new(x[:, c:])], dim=1)
+
+
+class ExtendedLinear(nn.Linear):
+    """A Linear whose input gained features at the end: ``weight`` keeps the pretrained columns,
+    ``weight_extra`` holds the columns for the new inputs."""
+
+    def __init__(self, base: nn.Linear, extra: int) -> None:
+        super().__init__(base.in_features + extra, base.out_features, bias=base.bias is not None)
+        prev_extra = base.weight_extra.detach() if isinstance(base, ExtendedLinear) else None
+        self.weight = nn.Parameter(base.weight.detach().clone())
+        cols = torch.zeros(base.out_features, extra + (0 if prev_extra is None else prev_extra.shape[1]))
+        if prev_extra is not None:
+            cols[:, : prev_extra.shape[1]] = prev_extra
+        self.weight_extra = nn.Parameter(cols)
+        self.bias = nn.Parameter(base.bias.detach().clone()) if base.bias is not None else None
+
+    def full_weight(self) -> torch.Tensor:
+        return torch.cat([self.weight, self.weight_extra], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.full_weight(), self.bias)
+
+
+class ExtendedConv2d(nn.Conv2d):
+    """A Conv2d (groups=1) whose input gained channels at the end; see :class:`ExtendedLinear`."""
+
+    def __init__(self, base: nn.Conv2d, extra: int) -> None:
+        super().__init__(
+            base.in_channels + extra,
+            base.out_channels,
+            base.kernel_size,
+            stride=base.stride,
+            padding=base.padding,
+            dilation=base.dilation,
+            groups=1,
+            bias=base.bias is not None,
+            padding_mode=base.padding_mode,
+        )
+        prev_extra = base.weight_extra.detach() if isinstance(base, ExtendedConv2d) else None
+        self.weight = nn.Parameter(base.weight.detach().clone())
+        shape = list(base.weight.shape)
+        shape[1] = extra + (0 if prev_extra is None else prev_extra.shape[1])
+        cols = torch.zeros(shape)
+        if prev_extra is not None:
+            cols[:, : prev_extra.shape[1]] = prev_extra
+        self.weight_extra = nn.Parameter(cols)
+        self.bias = nn.Parameter(base.bias.detach().clone()) if base.bias is not None else None
+
+    def full_weight(self) -> torch.Tensor:
+        return torch.cat([self.weight, self.weight_extra], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.full_weight(), self.bias)
+
+
+SURGEON_LEAF_MODULES: tuple[type[nn.Module], ...] = (Widened, SplitBatchNorm, ExtendedLinear, ExtendedConv2d)

@@ -1,0 +1,232 @@
+"""The edits: replace the head, widen a layer, insert a block after it.
+
+Each edit works on a traced GraphModule using the analysis in :mod:`surgeon.grow.analysis`, keeps
+every pretrained tensor, and leaves the graph runnable (shapes are propagated again after it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from surgeon.errors import GrowthError
+from surgeon.grow import init as winit
+from surgeon.grow.analysis import Site, find_site, head_name, propagate_shapes, shape_of
+from surgeon.grow.grownorm import GrowNorm
+from surgeon.grow.modules import ExtendedConv2d, ExtendedLinear, SplitBatchNorm, Widened, in_channels
+from surgeon.grow.recipe import GrowStep, HeadStep, Step
+
+
+@dataclass
+class GrowthState:
+    """What the recipe replayed so far has made: the head and the modules that are new as a whole."""
+
+    input_size: int
+    head: str | None = None
+    fresh: set[str] = field(default_factory=set)   # modules created from scratch (head, deep blocks)
+    norms: list[str] = field(default_factory=list)  # GrowNorm modules, in recipe order
+    grown: list[str] = field(default_factory=list)  # layers widened or deepened after, in order
+
+
+def apply_steps(gm: fx.GraphModule, steps: list[Step], state: GrowthState) -> GrowthState:
+    """Replay ``steps`` on ``gm`` in place."""
+    if not any(n.meta.get("tensor_meta") for n in gm.graph.nodes):
+        propagate_shapes(gm, state.input_size)
+    for step in steps:
+        if isinstance(step, HeadStep):
+            replace_head(gm, step, state)
+        elif step.kind == "wide":
+            widen(gm, step, state)
+        else:
+            deepen(gm, step, state)
+        gm.graph.lint()
+        gm.recompile()
+        propagate_shapes(gm, state.input_size)
+    return state
+
+
+def _unique_name(gm: fx.GraphModule, base: str) -> str:
+    existing = dict(gm.named_modules())
+    name, i = base, 1
+    while name in existing:
+        i += 1
+        name = f"{base}{i}"
+    return name
+
+
+def _default_head(old: nn.Module, in_ch: int, classes: int) -> nn.Module:
+    """A freshly initialised layer like ``old`` with new input/output widths."""
+    if isinstance(old, nn.Conv2d):
+        return nn.Conv2d(in_ch, classes, old.kernel_size, stride=old.stride, padding=old.padding,
+                         dilation=old.dilation, bias=old.bias is not None, padding_mode=old.padding_mode)
+    return nn.Linear(in_ch, classes, bias=getattr(old, "bias", None) is not None)
+
+
+def replace_head(gm: fx.GraphModule, step: HeadStep, state: GrowthState) -> None:
+    name = step.layer or head_name(gm)
+    try:
+        old = gm.get_submodule(name)
+    except AttributeError:
+        raise GrowthError(f"the model has no layer named '{name}' to use as the head") from None
+    if not isinstance(old, (nn.Linear, nn.Conv2d)) or isinstance(old, Widened):
+        raise GrowthError(f"the head '{name}' is a {type(old).__name__}; surgeon replaces a Linear or Conv2d head")
+    if step.classes < 2:
+        raise GrowthError(f"the new task needs at least 2 classes, got {step.classes}")
+    gm.set_submodule(name, _default_head(old, in_channels(old), step.classes))
+    state.head = name
+    state.fresh.add(name)
+
+
+def _check_not_head(site_layer: str, state: GrowthState) -> None:
+    if site_layer == state.head:
+        raise GrowthError(f"'{site_layer}' is the classifier head, which is replaced for the new task; grow a layer that feeds it")
+
+
+def _full_weight(m: nn.Module) -> torch.Tensor:
+    return (m.full_weight() if isinstance(m, (ExtendedLinear, ExtendedConv2d)) else m.weight).detach()
+
+
+def _extend_input(m: nn.Module, units: int, positions: int, init: str,
+                  mapping: torch.Tensor | None, shares: tuple[torch.Tensor, torch.Tensor] | None,
+                  fresh: bool) -> nn.Module:
+    """``m`` reads ``units`` × ``positions`` more inputs at the end. Fresh modules stay plain."""
+    if isinstance(m, Widened):
+        m.old = _extend_input(m.old, units, positions, init, mapping, shares, fresh)
+        m.new = _extend_input(m.new, units, positions, init, mapping, shares, True)
+        return m
+    if isinstance(m, nn.Sequential):  # a deep block: only its first layer reads the input
+        m[0] = _extend_input(m[0], units, positions, init, mapping, shares, True)
+        return m
+    full, extra = winit.extra_columns(_full_weight(m), units, positions, init, mapping, shares)
+    if fresh:  # one plain tensor: nothing pretrained to keep apart
+        plain = _default_head(m, full.shape[1] + extra.shape[1], m.weight.shape[0])
+        with torch.no_grad():
+            plain.weight.copy_(torch.cat([full, extra], dim=1))
+            if m.bias is not None:
+                plain.bias.copy_(m.bias)
+        return plain
+    grown = ExtendedLinear(m, extra.shape[1]) if isinstance(m, nn.Linear) else ExtendedConv2d(m, extra.shape[1])
+    with torch.no_grad():
+        n_old = grown.weight.shape[1]
+        grown.weight.copy_(full[:, :n_old])
+        grown.weight_extra.copy_(torch.cat([full[:, n_old:], extra], dim=1))
+    return grown
+
+
+def _new_branch(m: nn.Module, units: int, init: str, mapping: torch.Tensor | None) -> nn.Module:
+    """The new units of a widened layer: same input and hyper-parameters as ``m``."""
+    if isinstance(m, nn.Linear):
+        new: nn.Module = nn.Linear(m.in_features, units, bias=m.bias is not None)
+    else:
+        new = nn.Conv2d(m.in_channels, units, m.kernel_size, stride=m.stride, padding=m.padding,
+                        dilation=m.dilation, bias=m.bias is not None, padding_mode=m.padding_mode)
+    new = new.to(dtype=m.weight.dtype)
+    if init == "net2net":
+        assert mapping is not None
+        with torch.no_grad():
+            new.weight.copy_(_full_weight(m)[mapping])
+            if m.bias is not None:
+                new.bias.copy_(m.bias.detach()[mapping])
+    return new
+
+
+def _new_batchnorm(old: nn.modules.batchnorm._BatchNorm, units: int, mapping: torch.Tensor | None) -> nn.Module:
+    new = type(old)(units, eps=old.eps, momentum=old.momentum, affine=old.affine,
+                    track_running_stats=old.track_running_stats)
+    if mapping is not None:  # net2net copies the statistics and affine params of the source channels
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                src, dst = getattr(old, name), getattr(new, name)
+                if src is not None and dst is not None:
+                    dst.copy_(src[mapping])
+    return new
+
+
+def _insert_after(gm: fx.GraphModule, anchor: fx.Node, name: str) -> fx.Node:
+    with gm.graph.inserting_after(anchor):
+        node = gm.graph.call_module(name, (anchor,))
+    anchor.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+    return node
+
+
+def widen(gm: fx.GraphModule, step: GrowStep, state: GrowthState) -> Site:
+    site = find_site(gm, step.layer)
+    _check_not_head(site.layer, state)
+    layer = gm.get_submodule(site.layer)
+    if isinstance(layer, Widened) or site.grown_norm:
+        raise GrowthError(f"'{site.layer}' is already widened; widen it once with the total number of units")
+    k, c = step.units, site.channels
+    mapping = winit.copy_mapping(c, k) if step.init == "net2net" else None
+    shares = winit.split_shares(c, mapping) if mapping is not None else None
+
+    gm.set_submodule(site.layer, Widened(layer, _new_branch(layer, k, step.init, mapping)))
+    for bn_name in site.batchnorms:
+        bn = gm.get_submodule(bn_name)
+        gm.set_submodule(bn_name, SplitBatchNorm(bn, _new_batchnorm(bn, k, mapping)))
+    for consumer in site.consumers:
+        m = gm.get_submodule(consumer.name)
+        fresh = consumer.name in state.fresh
+        gm.set_submodule(consumer.name, _extend_input(m, k, consumer.positions, step.init, mapping, shares, fresh))
+    if step.norm:
+        name = _unique_name(gm, site.layer.replace(".", "_") + "_norm")
+        gm.add_submodule(name, GrowNorm((c, k), eps=step.eps, gamma_init=step.gamma_init, role="wide"))
+        _insert_after(gm, site.norm_after, name)
+        state.norms.append(name)
+    state.grown.append(site.layer)
+    return site
+
+
+def _deep_block(channels: int, units: int, rank: int, init: str) -> nn.Sequential:
+    if rank == 2:
+        block = nn.Sequential(nn.Linear(channels, units), nn.ReLU())
+    else:
+        block = nn.Sequential(nn.Conv2d(channels, units, 3, padding=1, bias=False), nn.BatchNorm2d(units), nn.ReLU())
+    if init == "net2net":  # Net2DeeperNet: an identity on non-negative (post-ReLU) inputs
+        with torch.no_grad():
+            if rank == 2:
+                block[0].weight.copy_(torch.eye(units))
+                block[0].bias.zero_()
+            else:
+                nn.init.dirac_(block[0].weight)
+    return block
+
+
+def deepen(gm: fx.GraphModule, step: GrowStep, state: GrowthState) -> Site:
+    site = find_site(gm, step.layer)
+    _check_not_head(site.layer, state)
+    if step.init == "zero":
+        raise GrowthError("--init zero applies to wide growth (it zeroes the new units' outgoing weights); deep growth takes random or net2net")
+    assert site.tail is not None
+    shape = shape_of(site.tail)
+    assert shape is not None
+    c, k = shape[1], step.units
+    if step.init == "net2net" and k != c:
+        raise GrowthError(f"net2net deep growth starts as an identity and needs --units {c} (the width of '{site.layer}'), got {k}")
+    if k != c:
+        pretrained = [x.name for x in site.consumers if x.name not in state.fresh]
+        if pretrained:
+            raise GrowthError(
+                f"a block of {k} units after '{site.layer}' would change the input width of the pretrained "
+                f"{', '.join(pretrained)} from {c}; use --units {c}, or deepen after the layer that feeds the head"
+            )
+        for consumer in site.consumers:
+            m = gm.get_submodule(consumer.name)
+            target = m[0] if isinstance(m, nn.Sequential) else m
+            replacement = _default_head(target, k * consumer.positions, target.weight.shape[0])
+            if isinstance(m, nn.Sequential):
+                m[0] = replacement
+            else:
+                gm.set_submodule(consumer.name, replacement)
+    block_name = _unique_name(gm, site.layer.replace(".", "_") + "_deep")
+    gm.add_submodule(block_name, _deep_block(c, k, len(shape), step.init))
+    last = _insert_after(gm, site.tail, block_name)
+    state.fresh.add(block_name)
+    if step.norm:
+        norm_name = _unique_name(gm, block_name + "_norm")
+        gm.add_submodule(norm_name, GrowNorm((k,), eps=step.eps, gamma_init=step.gamma_init, role="deep"))
+        _insert_after(gm, last, norm_name)
+        state.norms.append(norm_name)
+    state.grown.append(site.layer)
+    return site

@@ -1,0 +1,327 @@
+"""``surgeon finetune``: grow a pretrained model and fine-tune it on a target task.
+
+The loop follows torchvision's reference classification script (SGD with momentum, step schedule,
+``--amp``, ``--resume``, torchrun/DDP) with the paper's protocol: new units, γ and the head at
+``lr_new_mult``× the base learning rate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm.auto import tqdm
+
+from surgeon import __version__
+from surgeon.checkpoint import Checkpoint, checkpoint_from_dict, read_checkpoint, save_checkpoint
+from surgeon.errors import SurgeonError
+from surgeon.fileio import atomic_write_text
+from surgeon.grow.analysis import trace
+from surgeon.grow.gamma import calibrate_gamma
+from surgeon.grow.grownorm import GrowNorm
+from surgeon.grow.ops import GrowthState, apply_steps
+from surgeon.grow.recipe import HeadStep, Step
+from surgeon.preprocessing import Preprocessing
+from surgeon.train import distributed as dist_utils
+from surgeon.train.config import FinetuneConfig
+from surgeon.train.curves import plot_curves
+from surgeon.train.data import DataSplits, load_data
+from surgeon.train.params import apply_freeze, freeze_frozen_batchnorms, split_parameters
+from surgeon.train.state import load_train_state, rng_state, save_train_state, set_rng_state
+
+EpochCallback = Callable[[int, dict[str, Any]], None]
+
+
+@dataclass
+class Prepared:
+    """A model ready to train: grown, with its data, and what its checkpoint must record."""
+
+    model: fx.GraphModule
+    state: GrowthState
+    data: DataSplits
+    arch: str
+    weights: str
+    recipe: list[Step]
+    preprocessing: Preprocessing
+    gamma_init: dict[str, list[float]] = field(default_factory=dict)  # mean γ per group before training
+
+
+@dataclass
+class FinetuneResult:
+    output_dir: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def final_acc(self) -> float:
+        return self.history[-1]["val_acc"] if self.history else math.nan
+
+    @property
+    def best_acc(self) -> float:
+        return max((h["val_acc"] for h in self.history), default=math.nan)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SurgeonError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SurgeonError("--device cuda was asked for but no CUDA device is available")
+    return device
+
+
+def _is_checkpoint_file(spec: str) -> bool:
+    return Path(spec).suffix in (".pt", ".pth") and Path(spec).is_file()
+
+
+def prepare(config: FinetuneConfig, *, grow: bool = True) -> Prepared:
+    """Build the base model, load the data, replace the head and replay the growth steps.
+    (With ``grow=False`` the steps are replayed anyway by :func:`resume`; here they are new.)"""
+    if _is_checkpoint_file(config.model):
+        ckpt = read_checkpoint(config.model)
+        gm = ckpt.build_model(trust_code=config.trust_code)
+        state: GrowthState = gm.surgeon_state  # type: ignore[attr-defined]
+        arch, weights, prior, pre = ckpt.model, config.model, list(ckpt.recipe), ckpt.preprocessing
+        if config.input_size and config.input_size != pre.input_size:
+            raise SurgeonError(f"{config.model} was trained at {pre.input_size}px; --input-size cannot change that")
+    else:
+        from surgeon.zoo import load_base
+
+        base = load_base(config.model, config.weights, config.input_size)
+        gm = trace(base.module)
+        state = GrowthState(input_size=base.preprocessing.input_size)
+        arch, weights, prior, pre = base.model, base.weights, [], base.preprocessing
+    data = load_data(config.data, pre, val_split=config.val_split, augment=config.augment,
+                     skip_bad_images=config.skip_bad_images, seed=config.seed, root=config.data_root)
+    steps: list[Step] = [HeadStep(classes=len(data.classes), layer=config.head or "")]
+    if grow and not config.baseline:
+        steps += list(config.grow)
+    apply_steps(gm, steps, state)
+    return Prepared(gm, state, data, arch, weights, prior + steps, pre)
+
+
+def _calibration_batch(data: DataSplits, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data.train), generator=g)[: max(1, min(n, len(data.train)))]
+    return torch.stack([data.train[int(i)][0] for i in idx])
+
+
+def build_optimizer(model: fx.GraphModule, state: GrowthState, config: FinetuneConfig) -> torch.optim.SGD:
+    split = split_parameters(model, state, config.tune)
+    apply_freeze(model, split)
+    groups = []
+    for params, mult in ((split.pretrained, 1.0), (split.new, config.lr_new_mult)):
+        decay = [p for n, p in params.items() if n not in split.no_decay]
+        no_decay = [p for n, p in params.items() if n in split.no_decay]
+        if decay:
+            groups.append({"params": decay, "lr": config.lr * mult, "weight_decay": config.wd})
+        if no_decay:
+            groups.append({"params": no_decay, "lr": config.lr * mult, "weight_decay": 0.0})
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.wd)
+
+
+def gamma_stats(model: nn.Module) -> dict[str, list[float]]:
+    """Mean γ of each group of each GrowNorm (the scales' trajectory for analysis)."""
+    out: dict[str, list[float]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, GrowNorm) and m.gamma is not None:
+            g = m.gamma.detach().float().cpu()
+            out[name] = [float(part.mean()) for part in torch.split(g, list(m.groups))]
+    return out
+
+
+def _loader(ds, config: FinetuneConfig, *, shuffle: bool, epoch: int, d: dist_utils.Dist, device: torch.device) -> DataLoader:
+    # One generator per epoch: data order and augmentation depend on (seed, epoch) only, so a
+    # resumed run sees exactly the batches an uninterrupted one would.
+    g = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    sampler = None
+    if d.enabled and shuffle:
+        sampler = DistributedSampler(ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=config.seed)
+        sampler.set_epoch(epoch)
+    elif d.enabled:
+        ds = Subset(ds, list(range(d.rank, len(ds), d.world)))  # no padding: exact val metrics
+    return DataLoader(ds, batch_size=config.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=config.workers, generator=g, pin_memory=device.type == "cuda",
+                      persistent_workers=False, drop_last=False)
+
+
+def _autocast(config: FinetuneConfig, device: torch.device):
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=config.amp)
+
+
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, config: FinetuneConfig,
+             d: dist_utils.Dist) -> tuple[float, float]:
+    model.eval()
+    loss_sum = correct = count = 0.0
+    with torch.no_grad():
+        for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with _autocast(config, device):
+                logits = model(images)
+            loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+            correct += float((logits.argmax(1) == labels).sum())
+            count += len(labels)
+    loss_sum, correct, count = dist_utils.all_sum([loss_sum, correct, count], d, device)
+    return loss_sum / max(count, 1), correct / max(count, 1)
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None, device: torch.device, config: FinetuneConfig,
+                    epoch: int, d: dist_utils.Dist, progress: bool) -> tuple[float, float]:
+    model.train()
+    freeze_frozen_batchnorms(model)
+    loss_sum = correct = count = 0.0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not (progress and d.main),
+               dynamic_ncols=True)
+    for images, labels in bar:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with _autocast(config, device):
+            logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels)
+        if not torch.isfinite(loss):
+            raise SurgeonError(f"the loss became {float(loss)} in epoch {epoch + 1}; lower --lr (now {config.lr})")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        n = len(labels)
+        loss_sum += float(loss.detach()) * n
+        correct += float((logits.detach().argmax(1) == labels).sum())
+        count += n
+        bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.3f}")
+    loss_sum, correct, count = dist_utils.all_sum([loss_sum, correct, count], d, device)
+    return loss_sum / max(count, 1), correct / max(count, 1)
+
+
+def _checkpoint(p: Prepared, model: nn.Module, history: list[dict], config: FinetuneConfig) -> Checkpoint:
+    return Checkpoint(
+        model=p.arch, weights=p.weights, recipe=p.recipe, classes=list(p.data.classes),
+        preprocessing=p.preprocessing, state_dict=model.state_dict(),
+        history={"epochs": history, "gamma_init": p.gamma_init},
+        train_args=config.to_dict(),
+    )
+
+
+def finetune(config: FinetuneConfig, *, resume: str | Path | None = None, progress: bool = True,
+             on_epoch_end: EpochCallback | None = None, epochs_override: int | None = None) -> FinetuneResult:
+    """Run (or resume) a fine-tuning job; writes ``metrics.jsonl``, ``checkpoint.pt``, ``grown.pt``
+    and ``curves.png`` under ``config.output_dir``."""
+    resumed = load_train_state(resume) if resume else None
+    if resumed is not None:
+        config = FinetuneConfig.from_dict(resumed["config"])
+        if epochs_override:
+            config.epochs = epochs_override
+    device = resolve_device(config.device)
+    d = dist_utils.setup(device)
+    if device.type == "cuda" and d.enabled:
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    out = Path(config.output_dir)
+    try:
+        torch.manual_seed(config.seed)
+        if resumed is None:
+            prepared = prepare(config)
+            model = prepared.model.to(device)
+            calibrate_gamma(model, _calibration_batch(prepared.data, config.calib_samples, config.seed).to(device))
+            prepared.gamma_init = gamma_stats(model)
+            history: list[dict[str, Any]] = []
+            start = 0
+        else:
+            prepared = _prepare_resumed(config, resumed)
+            model = prepared.model.to(device)
+            history = list(resumed["history"])
+            start = int(resumed["epoch"])
+        optimizer = build_optimizer(model, prepared.state, config)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.lr_gamma)
+        scaler = torch.amp.GradScaler("cuda") if config.amp and device.type == "cuda" else None
+        if resumed is not None:
+            optimizer.load_state_dict(resumed["optimizer"])
+            scheduler.load_state_dict(resumed["scheduler"])
+            if scaler is not None and resumed.get("scaler"):
+                scaler.load_state_dict(resumed["scaler"])
+            set_rng_state(resumed["rng"])
+        train_model: nn.Module = model
+        if d.enabled:
+            train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if d.main:
+            out.mkdir(parents=True, exist_ok=True)
+        val_loader = _loader(prepared.data.val, config, shuffle=False, epoch=0, d=d, device=device)
+        for epoch in range(start, config.epochs):
+            t0 = time.perf_counter()
+            train_loader = _loader(prepared.data.train, config, shuffle=True, epoch=epoch, d=d, device=device)
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            train_loss, train_acc = train_one_epoch(train_model, train_loader, optimizer, scaler, device, config,
+                                                    epoch, d, progress)
+            scheduler.step()
+            val_loss, val_acc = evaluate(model, val_loader, device, config, d)
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+                   "val_acc": val_acc, "lr": lrs[0], "lr_new": lrs[-1], "time_s": time.perf_counter() - t0,
+                   "gamma": gamma_stats(model)}
+            history.append(row)
+            if d.main:
+                _write_epoch(out, prepared, model, history, config, optimizer, scheduler, scaler, epoch + 1)
+                if progress:
+                    tqdm.write(f"epoch {epoch + 1}/{config.epochs}  train loss {train_loss:.4f} acc {100 * train_acc:.2f}%  "
+                               f"val loss {val_loss:.4f} acc {100 * val_acc:.2f}%  ({row['time_s']:.1f}s)")
+            dist_utils.barrier(d)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, row)
+        if d.main:
+            save_checkpoint(out / "grown.pt", _checkpoint(prepared, model, history, config))
+            if history:
+                plot_curves(history, out / "curves.png", title=_title(config))
+        dist_utils.barrier(d)
+        return FinetuneResult(out, history)
+    finally:
+        dist_utils.teardown(d)
+
+
+def _title(config: FinetuneConfig) -> str:
+    if config.baseline or not config.grow:
+        return f"{config.model}: baseline fine-tuning on {config.data}"
+    steps = ", ".join(f"{s.kind} {s.layer} +{s.units}" for s in config.grow)
+    return f"{config.model}: {steps} on {config.data}"
+
+
+def _write_epoch(out: Path, p: Prepared, model: nn.Module, history: list[dict], config: FinetuneConfig,
+                 optimizer, scheduler, scaler, epoch: int) -> None:
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    save_train_state(out / "checkpoint.pt", {
+        "checkpoint": _checkpoint(p, model, history, config).to_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch,
+        "history": history,
+        "config": config.to_dict(),
+        "rng": rng_state(),
+        "surgeon_version": __version__,
+    })
+
+
+def _prepare_resumed(config: FinetuneConfig, resumed: dict[str, Any]) -> Prepared:
+    """Rebuild the model of an interrupted run from its training state (no new growth, no γ calibration)."""
+    ckpt = checkpoint_from_dict(resumed["checkpoint"], "checkpoint.pt")
+    gm = ckpt.build_model(trust_code=config.trust_code)
+    gm.train()
+    data = load_data(config.data, ckpt.preprocessing, val_split=config.val_split, augment=config.augment,
+                     skip_bad_images=config.skip_bad_images, seed=config.seed, root=config.data_root)
+    return Prepared(gm, gm.surgeon_state, data, ckpt.model, ckpt.weights, list(ckpt.recipe), ckpt.preprocessing,  # type: ignore[attr-defined]
+                    gamma_init=dict(ckpt.history.get("gamma_init", {})))

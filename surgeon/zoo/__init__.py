@@ -1,0 +1,194 @@
+"""Base models: where the network to grow comes from.
+
+``--model`` accepts
+- ``torchvision:NAME`` — any torchvision classification model; ``--weights`` is ``DEFAULT``, a
+  weights enum name (``IMAGENET1K_V1``), ``none``, or a local state-dict file;
+- ``surgeon:NAME`` — an architecture shipped with surgeon (``surgeon:digitnet``);
+- a surgeon checkpoint file (``models/digitnet.pt``, or a ``grown.pt`` to grow further);
+- ``MODULE:FACTORY`` or ``FILE.py:FACTORY`` — your own ``nn.Module`` class or factory (imported:
+  this runs your code), with ``--weights`` a state-dict file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from surgeon.errors import SurgeonError
+from surgeon.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+
+BUILTIN_ARCHS = ("digitnet",)
+DIGITS_PREPROCESSING = Preprocessing(input_size=32, resize=32, mean=(0.25, 0.25, 0.25), std=(0.35, 0.35, 0.35))
+
+
+@dataclass
+class BaseModel:
+    """A base network before growth, with what later stages need to know about it."""
+
+    module: nn.Module
+    model: str                      # the --model spec that rebuilds the architecture
+    weights: str                    # where the weights came from (recorded, never re-fetched)
+    preprocessing: Preprocessing
+    classes: list[str] | None = None
+
+
+def is_user_code(spec: str) -> bool:
+    return not (spec.startswith("torchvision:") or spec.startswith("surgeon:"))
+
+
+def build_architecture(spec: str, *, trust_code: bool = True) -> nn.Module:
+    """The randomly initialised architecture for ``spec`` (no weights are fetched)."""
+    if spec.startswith("torchvision:"):
+        return _torchvision(spec.split(":", 1)[1], None)
+    if spec.startswith("surgeon:"):
+        return _surgeon_arch(spec.split(":", 1)[1])
+    if not trust_code:
+        raise SurgeonError(
+            f"this checkpoint was grown from user code '{spec}'; surgeon does not import code named inside a file. "
+            "Pass --trust-code (CLI) or trust_code=True if you trust it"
+        )
+    return _user_factory(spec)()
+
+
+def _surgeon_arch(name: str) -> nn.Module:
+    if name == "digitnet":
+        from surgeon.zoo.digitnet import DigitNet
+
+        return DigitNet()
+    raise SurgeonError(f"unknown surgeon architecture '{name}'; available: {', '.join(BUILTIN_ARCHS)}")
+
+
+def _torchvision(name: str, weights: str | None) -> nn.Module:
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        raise SurgeonError(f"torchvision has no classification model '{name}'; e.g. {', '.join(sorted(available)[:8])}, ...")
+    try:
+        return torchvision.models.get_model(name, weights=weights)
+    except (ValueError, KeyError) as exc:
+        enums = [w.name for w in torchvision.models.get_model_weights(name)]
+        raise SurgeonError(f"torchvision:{name} has no weights '{weights}' ({exc}); use DEFAULT, none, a file, or one of {', '.join(enums)}") from None
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError
+        raise SurgeonError(
+            f"could not download the {weights} weights of torchvision:{name} ({type(exc).__name__}: {exc}); "
+            "without network, pass --weights none or --weights PATH to a local state dict"
+        ) from None
+
+
+def _torchvision_preprocessing(name: str, weights: str | None) -> Preprocessing:
+    import torchvision
+
+    if weights:  # the weights' own eval transforms (e.g. 299 for inception_v3)
+        enum = torchvision.models.get_model_weights(name)
+        w = enum.DEFAULT if weights == "DEFAULT" else getattr(enum, weights, None)
+        if w is not None:
+            t = w.transforms()
+            return Preprocessing(input_size=int(t.crop_size[0]), resize=int(t.resize_size[0]),
+                                 mean=tuple(t.mean), std=tuple(t.std))
+    return Preprocessing(input_size=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def _user_factory(spec: str):
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise SurgeonError(f"--model '{spec}' is not torchvision:NAME, surgeon:NAME, a checkpoint file, or MODULE:CLASS / FILE.py:CLASS")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.exists():
+                raise SurgeonError(f"model file {path} does not exist")
+            mod_name = f"surgeon_user_{path.stem}"
+            mspec = importlib.util.spec_from_file_location(mod_name, path)
+            assert mspec and mspec.loader
+            module = importlib.util.module_from_spec(mspec)
+            sys.modules[mod_name] = module
+            mspec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except SurgeonError:
+        raise
+    except Exception as exc:
+        raise SurgeonError(f"cannot import {target} for --model {spec}: {type(exc).__name__}: {exc}") from None
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise SurgeonError(f"{target} has no class or function '{attr}'")
+    return factory
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a local file (never unpickles objects); a surgeon checkpoint works too."""
+    p = Path(path)
+    if not p.exists():
+        raise SurgeonError(f"weights file {p} does not exist")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SurgeonError(f"{p} is not a weights file torch can load safely ({first})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]  # torchvision reference-script checkpoints
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SurgeonError(f"{p} does not hold a state dict (a mapping of names to tensors)")
+    return obj
+
+
+def _load_weights(module: nn.Module, path: str, spec: str) -> None:
+    state = load_state_dict_file(path)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise SurgeonError(f"weights {path} do not fit {spec}: {detail[:300]}") from None
+
+
+def load_base(spec: str, weights: str = "DEFAULT", input_size: int | None = None) -> BaseModel:
+    """Build the base model for ``--model spec --weights weights``."""
+    w_lower = (weights or "none").lower()
+    path_like = w_lower not in ("none", "default") and (Path(weights).suffix in (".pt", ".pth", ".bin") or Path(weights).exists())
+    if spec.startswith("torchvision:"):
+        name = spec.split(":", 1)[1]
+        if w_lower == "none" or path_like:
+            module = _torchvision(name, None)
+            pre = _torchvision_preprocessing(name, None)
+            if path_like:
+                _load_weights(module, weights, spec)
+        else:
+            enum_name = "DEFAULT" if w_lower == "default" else weights
+            module = _torchvision(name, enum_name)
+            pre = _torchvision_preprocessing(name, enum_name)
+        classes = None
+    elif spec.startswith("surgeon:"):
+        module = _surgeon_arch(spec.split(":", 1)[1])
+        pre = DIGITS_PREPROCESSING
+        classes = None
+        if path_like:
+            _load_weights(module, weights, spec)
+        elif w_lower not in ("none", "default"):
+            raise SurgeonError(f"--weights for {spec} is a file or none, got {weights!r}")
+    else:
+        factory = _user_factory(spec)
+        module = factory()
+        if not isinstance(module, nn.Module):
+            raise SurgeonError(f"{spec} returned a {type(module).__name__}, not a torch.nn.Module")
+        pre = Preprocessing()
+        classes = None
+        if path_like:
+            _load_weights(module, weights, spec)
+        elif w_lower not in ("none", "default"):
+            raise SurgeonError(f"weights file {weights} does not exist")
+    if input_size:
+        pre = Preprocessing(input_size=input_size, resize=max(input_size, round(input_size / 0.875)) if pre.resize != pre.input_size else input_size,
+                            mean=pre.mean, std=pre.std)
+    source = weights if path_like else w_lower if w_lower in ("none", "default") else weights
+    return BaseModel(module=module, model=spec, weights=str(source), preprocessing=pre, classes=classes)
+
