@@ -6,6 +6,7 @@ import click
 
 from surgeon import __version__
 from surgeon.commands.common import CONTEXT
+from surgeon.commands.demo import demo
 from surgeon.commands.finetune import finetune
 from surgeon.commands.layers import layers
 
@@ -25,6 +26,7 @@ def cli() -> None:
 
 cli.add_command(layers)
 cli.add_command(finetune)
+cli.add_command(demo)
 
 
 def main() -> None:

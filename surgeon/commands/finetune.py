@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from surgeon.commands.common import CONTEXT, friendly_errors
@@ -107,5 +109,7 @@ def finetune(ctx: click.Context, model_spec, weights, data, grow, layer, units, 
             calib_samples=calib_samples, trust_code=trust_code, data_root=data_root,
         )
         result = run(config, progress=not quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return
     click.echo(f"final val accuracy {100 * result.final_acc:.2f}% (best {100 * result.best_acc:.2f}%); "
                f"wrote {result.output_dir / 'grown.pt'}")

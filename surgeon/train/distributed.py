@@ -42,6 +42,14 @@ def all_sum(values: list[float], d: Dist, device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def sync_buffers(module: torch.nn.Module, d: Dist) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics drift apart after the last training
+    step), so evaluation and the saved checkpoint describe one model."""
+    if d.enabled:
+        for b in module.buffers():
+            dist.broadcast(b, src=0)
+
+
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()

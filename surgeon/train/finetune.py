@@ -270,6 +270,7 @@ def finetune(config: FinetuneConfig, *, resume: str | Path | None = None, progre
             train_loss, train_acc = train_one_epoch(train_model, train_loader, optimizer, scaler, device, config,
                                                     epoch, d, progress)
             scheduler.step()
+            dist_utils.sync_buffers(model, d)
             val_loss, val_acc = evaluate(model, val_loader, device, config, d)
             row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                    "val_acc": val_acc, "lr": lrs[0], "lr_new": lrs[-1], "time_s": time.perf_counter() - t0,

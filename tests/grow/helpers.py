@@ -1,0 +1,75 @@
+"""Shared helpers for the growth tests (small models, hooks, graph queries)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torchvision
+from torch import fx, nn
+
+from surgeon.grow.analysis import trace
+from surgeon.grow.grownorm import GrowNorm
+from surgeon.grow.ops import GrowthState, apply_steps
+from surgeon.zoo import build_architecture
+
+
+def torchvision_model(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return torchvision.models.get_model(name, weights=None).eval()
+
+
+def digitnet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_architecture("surgeon:digitnet").eval()
+
+
+def randomize_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial affine parameters and running statistics ("pretrained-like")."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    return model
+
+
+def grow(model: nn.Module, steps, input_size: int, *, copy_model: bool = True) -> tuple[fx.GraphModule, GrowthState]:
+    """trace + apply_steps; returns the grown GraphModule (eval mode) and the state."""
+    m = copy.deepcopy(model) if copy_model else model
+    gm = trace(m)
+    state = apply_steps(gm, list(steps), GrowthState(input_size=input_size))
+    gm.eval()
+    return gm, state
+
+
+class Capture:
+    """Forward hook that records a clone of a module's output (clone: in-place ReLUs follow)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.value: torch.Tensor | None = None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, _m, _inp, out):
+        self.value = out.detach().clone()
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def module_nodes(gm: fx.GraphModule, cls: type) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), cls)]
+
+
+def grownorm_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return module_nodes(gm, GrowNorm)
+
+
+def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
