@@ -92,7 +92,7 @@ def read_raw(path: str | Path, map_location: str = "cpu") -> Any:
         return torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
-        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+        if "Unsupported global" in msg:
             raise CheckpointError(
                 f"{p} contains pickled Python objects, which surgeon refuses to load (loading them could run code)"
             ) from None

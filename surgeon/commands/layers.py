@@ -27,21 +27,12 @@ def layers(model_spec: str, weights: str, input_size: int | None, show_all: bool
       surgeon layers --model torchvision:resnet18
       surgeon layers --model models/digitnet.pt --all
     """
-    from pathlib import Path
-
-    from surgeon.checkpoint import read_checkpoint
     from surgeon.grow.analysis import layer_table, propagate_shapes, trace
+    from surgeon.zoo import open_model
 
-    if Path(model_spec).suffix in (".pt", ".pth") and Path(model_spec).is_file():
-        ckpt = read_checkpoint(model_spec)
-        gm = ckpt.build_model(trust_code=trust_code)
-        size = ckpt.preprocessing.input_size
-    else:
-        from surgeon.zoo import load_base
-
-        base = load_base(model_spec, weights, input_size)
-        gm = trace(base.module)
-        size = base.preprocessing.input_size
+    src = open_model(model_spec, weights, input_size, trust_code=trust_code)
+    gm = trace(src.module)
+    size = src.preprocessing.input_size
     propagate_shapes(gm, input_size or size)
     rows = layer_table(gm)
     if not rows:

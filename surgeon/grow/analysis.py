@@ -70,7 +70,10 @@ def trace(model: nn.Module) -> fx.GraphModule:
             f"{type(model).__name__} cannot be traced by torch.fx ({first}); growth needs a model whose "
             "forward has no data-dependent control flow"
         ) from exc
-    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    # The GraphModule keeps only modules the forward calls; remember the rest for error messages.
+    gm.meta["surgeon_all_modules"] = {name: type(m).__name__ for name, m in model.named_modules() if name}
+    return gm
 
 
 def propagate_shapes(gm: fx.GraphModule, input_size: int) -> None:
@@ -80,8 +83,9 @@ def propagate_shapes(gm: fx.GraphModule, input_size: int) -> None:
     try:
         param = next(gm.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
         with torch.no_grad():
-            ShapeProp(gm).propagate(torch.zeros(1, 3, input_size, input_size, device=device))
+            ShapeProp(gm).propagate(torch.zeros(1, 3, input_size, input_size, device=device, dtype=dtype))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GrowthError(f"the model does not run on a 3x{input_size}x{input_size} image ({first}); check --input-size") from exc
@@ -137,10 +141,53 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return gm.get_submodule(str(node.target))
 
 
+_METADATA_METHODS = {"size", "dim", "numel"}
+_METADATA_ATTRS = {"shape", "ndim", "dtype", "device"}
+
+
+def _reads_metadata_only(node: fx.Node) -> bool:
+    """``x.size(0)``, ``x.shape``, ...: reads no values, so it is no consumer of the channels."""
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    return node.op == "call_function" and node.target is getattr and len(node.args) > 1 and node.args[1] in _METADATA_ATTRS
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    meta = node.meta.get("tensor_meta")
+    return meta is not None and hasattr(meta, "shape")
+
+
 def _only_tensor_arg(node: fx.Node, src: fx.Node) -> bool:
-    """``node`` reads ``src`` as its first argument and no other graph value."""
-    others = [a for a in node.all_input_nodes if a is not src]
+    """``node`` reads ``src`` as its first argument and no other tensor (sizes are fine)."""
+    others = [a for a in node.all_input_nodes if a is not src and _is_tensor(a)]
     return bool(node.args) and node.args[0] is src and not others
+
+
+def _is_batch_flatten(node: fx.Node, src: fx.Node) -> bool:
+    """``x.view(x.size(0), -1)`` / ``x.reshape(N, -1)`` / ``x.flatten(1)``: keeps the batch, flattens
+    the rest. A hard-coded ``x.view(-1, 256)`` is not accepted (it only looks right at batch 1)."""
+    if node.target == "flatten":
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        return start == 1 and len(node.args) <= 2 and "end_dim" not in node.kwargs
+    args = node.args[1:]
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        args = tuple(args[0])
+    if len(args) != 2 or args[1] != -1:
+        return False
+    return _is_batch_size_of(args[0], src)
+
+
+def _is_batch_size_of(value: object, src: fx.Node) -> bool:
+    """``value`` is ``src.size(0)``, ``src.shape[0]`` or ``src.size()[0]``."""
+    if not isinstance(value, fx.Node):
+        return False
+    if value.op == "call_method" and value.target == "size":
+        return value.args[0] is src and tuple(value.args[1:]) == (0,)
+    if value.op == "call_function" and value.target is operator.getitem and value.args[1] == 0:
+        base = value.args[0]
+        return isinstance(base, fx.Node) and _reads_metadata_only(base) and base.args[0] is src and (
+            base.op == "call_function" or tuple(base.args[1:]) == ())
+    return False
 
 
 def _classify(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> str:
@@ -183,12 +230,17 @@ def _classify(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> str:
         if node.target in _POOL_FUNCTIONS:
             return "pool"
         if node.target in _FLATTEN_FUNCTIONS:
-            return "flatten"
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            if start == 1 and len(node.args) <= 2 and "end_dim" not in node.kwargs:
+                return "flatten"
+            return f"stop:feeds {node.name}, a flatten not from dim 1"
     if node.op == "call_method":
         if node.target in _ACT_METHODS:
             return "act"
         if node.target in _FLATTEN_METHODS:
-            return "flatten"
+            if _is_batch_flatten(node, src):
+                return "flatten"
+            return f"stop:feeds {node.name}, a {node.target} surgeon cannot follow (write x.flatten(1) or x.view(x.size(0), -1))"
         if node.target == "mean":
             return "pool"
     return f"stop:feeds {node.name} ({node.target}), which surgeon cannot widen through"
@@ -228,9 +280,9 @@ def find_site(gm: fx.GraphModule, layer: str) -> Site:
 def _analyse(gm: fx.GraphModule, layer: str) -> Site:
     nodes = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) == layer]
     if not nodes:
-        known = dict(gm.named_modules())
+        known = {**gm.meta.get("surgeon_all_modules", {}), **{n: type(m).__name__ for n, m in gm.named_modules()}}
         if layer in known:
-            raise GrowthError(f"'{layer}' ({type(known[layer]).__name__}) is not used by the model's forward")
+            raise GrowthError(f"'{layer}' ({known[layer]}) is not used by the model's forward")
         raise GrowthError(f"the model has no layer named '{layer}'")
     module = gm.get_submodule(layer)
     if isinstance(module, nn.Conv2d) and module.groups != 1:
@@ -248,8 +300,8 @@ def _analyse(gm: fx.GraphModule, layer: str) -> Site:
     # 1. The chain: single-user elementwise ops right after the layer.
     cur = node
     site.norm_after = node
-    while len(cur.users) == 1:
-        nxt = next(iter(cur.users))
+    while len(value_users := [u for u in cur.users if not _reads_metadata_only(u)]) == 1:
+        nxt = value_users[0]
         kind = _classify(gm, nxt, cur)
         if kind not in ("bn", "act", "pass", "norm"):
             break
@@ -272,6 +324,8 @@ def _analyse(gm: fx.GraphModule, layer: str) -> Site:
 
 def _walk_region(gm: fx.GraphModule, site: Site, src: fx.Node, src_shape: tuple[int, ...], positions: int) -> None:
     for user in list(src.users):
+        if _reads_metadata_only(user):
+            continue
         kind = _classify(gm, user, src)
         if kind.startswith("stop:"):
             raise GrowthError(f"cannot grow '{site.layer}': its output {kind[5:]}")

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.overrides import handle_torch_function, has_torch_function
 
 DEFAULT_EPS = 1e-6
 
@@ -35,6 +36,11 @@ def grow_norm(
     eps: float = DEFAULT_EPS,
 ) -> torch.Tensor:
     """Functional GrowNorm over dim 1 of a rank ≥ 2 tensor; reductions run in at least fp32."""
+    operands = (x,) if gamma is None else (x, gamma)
+    if has_torch_function(operands):  # torch.fx proxies: record one call instead of tracing the checks
+        return handle_torch_function(grow_norm, operands, x, groups, gamma=gamma, eps=eps)
+    if not eps > 0:
+        raise ValueError(f"GrowNorm eps must be positive, got {eps}")
     if x.dim() < 2:
         raise ValueError(f"GrowNorm needs a tensor of rank >= 2 ([N, C, ...]), got shape {tuple(x.shape)}")
     groups = _check_groups(groups)
@@ -67,6 +73,8 @@ class GrowNorm(nn.Module):
     ) -> None:
         super().__init__()
         self.groups = _check_groups(groups)
+        if not eps > 0:
+            raise ValueError(f"GrowNorm eps must be positive, got {eps}")
         self.eps = float(eps)
         self.gamma_init = gamma_init
         self.role = role

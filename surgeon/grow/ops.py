@@ -13,7 +13,7 @@ from torch import fx, nn
 
 from surgeon.errors import GrowthError
 from surgeon.grow import init as winit
-from surgeon.grow.analysis import Site, find_site, head_name, propagate_shapes, shape_of
+from surgeon.grow.analysis import Site, find_site, head_name, propagate_shapes, shape_of, suggest
 from surgeon.grow.grownorm import GrowNorm
 from surgeon.grow.modules import ExtendedConv2d, ExtendedLinear, SplitBatchNorm, Widened, in_channels
 from surgeon.grow.recipe import GrowStep, HeadStep, Step
@@ -34,6 +34,7 @@ def apply_steps(gm: fx.GraphModule, steps: list[Step], state: GrowthState) -> Gr
     """Replay ``steps`` on ``gm`` in place."""
     if not any(n.meta.get("tensor_meta") for n in gm.graph.nodes):
         propagate_shapes(gm, state.input_size)
+    ref = next((p for p in gm.parameters() if p.is_floating_point()), None)
     for step in steps:
         if isinstance(step, HeadStep):
             replace_head(gm, step, state)
@@ -41,6 +42,8 @@ def apply_steps(gm: fx.GraphModule, steps: list[Step], state: GrowthState) -> Gr
             widen(gm, step, state)
         else:
             deepen(gm, step, state)
+        if ref is not None:  # new modules are created on the CPU in fp32: match the model
+            gm.to(device=ref.device, dtype=ref.dtype)
         gm.graph.lint()
         gm.recompile()
         propagate_shapes(gm, state.input_size)
@@ -72,16 +75,15 @@ def replace_head(gm: fx.GraphModule, step: HeadStep, state: GrowthState) -> None
         raise GrowthError(f"the model has no layer named '{name}' to use as the head") from None
     if not isinstance(old, (nn.Linear, nn.Conv2d)) or isinstance(old, Widened):
         raise GrowthError(f"the head '{name}' is a {type(old).__name__}; surgeon replaces a Linear or Conv2d head")
-    if step.classes < 2:
-        raise GrowthError(f"the new task needs at least 2 classes, got {step.classes}")
     gm.set_submodule(name, _default_head(old, in_channels(old), step.classes))
     state.head = name
     state.fresh.add(name)
 
 
-def _check_not_head(site_layer: str, state: GrowthState) -> None:
-    if site_layer == state.head:
-        raise GrowthError(f"'{site_layer}' is the classifier head, which is replaced for the new task; grow a layer that feeds it")
+def _check_not_head(gm: fx.GraphModule, layer: str, state: GrowthState) -> None:
+    if layer == state.head:
+        raise GrowthError(f"'{layer}' is the classifier head, which is replaced for the new task; "
+                          f"grow a layer that feeds it; {suggest(gm, layer)}")
 
 
 def _full_weight(m: nn.Module) -> torch.Tensor:
@@ -152,8 +154,8 @@ def _insert_after(gm: fx.GraphModule, anchor: fx.Node, name: str) -> fx.Node:
 
 
 def widen(gm: fx.GraphModule, step: GrowStep, state: GrowthState) -> Site:
+    _check_not_head(gm, step.layer, state)
     site = find_site(gm, step.layer)
-    _check_not_head(site.layer, state)
     layer = gm.get_submodule(site.layer)
     if isinstance(layer, Widened) or site.grown_norm:
         raise GrowthError(f"'{site.layer}' is already widened; widen it once with the total number of units")
@@ -194,8 +196,8 @@ def _deep_block(channels: int, units: int, rank: int, init: str) -> nn.Sequentia
 
 
 def deepen(gm: fx.GraphModule, step: GrowStep, state: GrowthState) -> Site:
+    _check_not_head(gm, step.layer, state)
     site = find_site(gm, step.layer)
-    _check_not_head(site.layer, state)
     if step.init == "zero":
         raise GrowthError("--init zero applies to wide growth (it zeroes the new units' outgoing weights); deep growth takes random or net2net")
     assert site.tail is not None

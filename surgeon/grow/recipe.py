@@ -31,6 +31,10 @@ def parse_gamma_init(value: str | float) -> float | str:
     return v
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 @dataclass(frozen=True)
 class HeadStep:
     """Replace the classifier head ``layer`` with a fresh one for ``classes`` outputs."""
@@ -38,6 +42,12 @@ class HeadStep:
     classes: int
     layer: str = ""  # found automatically when empty
     op: str = field(default="head", init=False)
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.classes) or self.classes < 2:
+            raise SurgeonError(f"a head needs an integer number of classes >= 2, got {self.classes!r}")
+        if not isinstance(self.layer, str):
+            raise SurgeonError(f"a head's layer must be a module name, got {self.layer!r}")
 
 
 @dataclass(frozen=True)
@@ -58,10 +68,14 @@ class GrowStep:
             raise SurgeonError(f"growth kind must be one of {', '.join(GROW_KINDS)}, got {self.kind!r}")
         if self.init not in INITS:
             raise SurgeonError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
-        if not isinstance(self.units, int) or self.units <= 0:
+        if not _is_int(self.units) or self.units <= 0:
             raise SurgeonError(f"--units must be a positive integer, got {self.units!r}")
-        if not self.layer:
+        if not self.layer or not isinstance(self.layer, str):
             raise SurgeonError("every growth step needs a --layer")
+        if not isinstance(self.norm, bool):
+            raise SurgeonError(f"a growth step's norm must be true or false, got {self.norm!r}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
+            raise SurgeonError(f"a growth step's eps must be a positive number, got {self.eps!r}")
         object.__setattr__(self, "gamma_init", parse_gamma_init(self.gamma_init))
 
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from surgeon import __version__
-from surgeon.checkpoint import Checkpoint, checkpoint_from_dict, read_checkpoint, save_checkpoint
+from surgeon.checkpoint import Checkpoint, checkpoint_from_dict, save_checkpoint
 from surgeon.errors import SurgeonError
 from surgeon.fileio import atomic_write_text
 from surgeon.grow.analysis import trace
@@ -81,31 +81,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _is_checkpoint_file(spec: str) -> bool:
-    return Path(spec).suffix in (".pt", ".pth") and Path(spec).is_file()
+def prepare(config: FinetuneConfig) -> Prepared:
+    """Build the base model, load the data, replace the head and apply the growth steps."""
+    from surgeon.zoo import open_model
 
-
-def prepare(config: FinetuneConfig, *, grow: bool = True) -> Prepared:
-    """Build the base model, load the data, replace the head and replay the growth steps.
-    (With ``grow=False`` the steps are replayed anyway by :func:`resume`; here they are new.)"""
-    if _is_checkpoint_file(config.model):
-        ckpt = read_checkpoint(config.model)
-        gm = ckpt.build_model(trust_code=config.trust_code)
-        state: GrowthState = gm.surgeon_state  # type: ignore[attr-defined]
-        arch, weights, prior, pre = ckpt.model, config.model, list(ckpt.recipe), ckpt.preprocessing
-        if config.input_size and config.input_size != pre.input_size:
-            raise SurgeonError(f"{config.model} was trained at {pre.input_size}px; --input-size cannot change that")
-    else:
-        from surgeon.zoo import load_base
-
-        base = load_base(config.model, config.weights, config.input_size)
-        gm = trace(base.module)
-        state = GrowthState(input_size=base.preprocessing.input_size)
-        arch, weights, prior, pre = base.model, base.weights, [], base.preprocessing
+    src = open_model(config.model, config.weights, config.input_size, trust_code=config.trust_code)
+    gm = trace(src.module)
+    state = src.state or GrowthState(input_size=src.preprocessing.input_size)
+    arch, weights, prior, pre = src.model, src.weights, src.recipe, src.preprocessing
     data = load_data(config.data, pre, val_split=config.val_split, augment=config.augment,
                      skip_bad_images=config.skip_bad_images, seed=config.seed, root=config.data_root)
     steps: list[Step] = [HeadStep(classes=len(data.classes), layer=config.head or "")]
-    if grow and not config.baseline:
+    if not config.baseline:
         steps += list(config.grow)
     apply_steps(gm, steps, state)
     return Prepared(gm, state, data, arch, weights, prior + steps, pre)

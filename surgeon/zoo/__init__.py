@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from surgeon.errors import SurgeonError
+from surgeon.grow.ops import GrowthState
+from surgeon.grow.recipe import Step
 from surgeon.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 BUILTIN_ARCHS = ("digitnet",)
@@ -85,9 +87,14 @@ def _torchvision(name: str, weights: str | None) -> nn.Module:
 def _torchvision_preprocessing(name: str, weights: str | None) -> Preprocessing:
     import torchvision
 
-    if weights:  # the weights' own eval transforms (e.g. 299 for inception_v3)
+    # The weights' own eval transforms (e.g. 299 for inception_v3); metadata only, nothing is fetched,
+    # so a model built without weights still gets the input size it was designed for.
+    try:
         enum = torchvision.models.get_model_weights(name)
-        w = enum.DEFAULT if weights == "DEFAULT" else getattr(enum, weights, None)
+    except (ValueError, KeyError):
+        enum = None
+    if enum is not None:
+        w = enum.DEFAULT if weights in (None, "DEFAULT") else getattr(enum, weights, None)
         if w is not None:
             t = w.transforms()
             return Preprocessing(input_size=int(t.crop_size[0]), resize=int(t.resize_size[0]),
@@ -192,3 +199,33 @@ def load_base(spec: str, weights: str = "DEFAULT", input_size: int | None = None
     source = weights if path_like else w_lower if w_lower in ("none", "default") else weights
     return BaseModel(module=module, model=spec, weights=str(source), preprocessing=pre, classes=classes)
 
+
+
+@dataclass
+class Source:
+    """A model to grow: a base network, or a surgeon checkpoint to grow further."""
+
+    module: nn.Module                 # a GraphModule when it comes from a checkpoint
+    model: str                        # architecture spec the recipe replays on
+    weights: str                      # weight source recorded in the new checkpoint
+    preprocessing: Preprocessing
+    recipe: list[Step]                # steps already applied (from a checkpoint), else []
+    state: GrowthState | None = None  # the checkpoint's growth state, if any
+
+
+def is_checkpoint_spec(spec: str) -> bool:
+    return ":" not in spec and Path(spec).suffix in (".pt", ".pth")
+
+
+def open_model(spec: str, weights: str = "DEFAULT", input_size: int | None = None, *, trust_code: bool = False) -> Source:
+    """``--model``/``--weights`` to a model ready for growth (see the module docstring for the forms)."""
+    if is_checkpoint_spec(spec):
+        from surgeon.checkpoint import read_checkpoint
+
+        ckpt = read_checkpoint(spec)  # says "does not exist" for a missing file
+        if input_size and input_size != ckpt.preprocessing.input_size:
+            raise SurgeonError(f"{spec} was trained at {ckpt.preprocessing.input_size}px; --input-size cannot change that")
+        gm = ckpt.build_model(trust_code=trust_code)
+        return Source(gm, ckpt.model, spec, ckpt.preprocessing, list(ckpt.recipe), gm.surgeon_state)  # type: ignore[attr-defined]
+    base = load_base(spec, weights, input_size)
+    return Source(base.module, base.model, base.weights, base.preprocessing, [])

@@ -27,6 +27,12 @@ def _pristine(name: str) -> nn.Module:
     return randomize_batchnorms(torchvision_model(name))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _drop_cached_models():
+    yield
+    _pristine.cache_clear()  # alexnet + vgg11 hold ~800 MB
+
+
 def fresh(name: str) -> nn.Module:
     """A copy of a cached, randomly initialised torchvision model (building alexnet/vgg is slow)."""
     return copy.deepcopy(_pristine(name)).eval()
@@ -35,7 +41,6 @@ def fresh(name: str) -> nn.Module:
 # (model, layer, its channel count, the consumer that reads it, whether that consumer is pretrained)
 WIDE_CASES = [
     pytest.param("alexnet", "classifier.4", 4096, "classifier.6", False, id="alexnet-fc7"),
-    pytest.param("alexnet", "features.10", 256, "classifier.1", True, id="alexnet-conv5"),
     pytest.param("vgg11", "classifier.3", 4096, "classifier.6", False, id="vgg11-fc7", marks=pytest.mark.slow),  # ~4 s
     pytest.param("resnet18", "layer4.1.conv1", 512, "layer4.1.conv2", True, id="resnet18"),
     pytest.param("resnet50", "layer4.1.conv1", 512, "layer4.1.conv2", True, id="resnet50"),
@@ -154,6 +159,9 @@ def test_deep_growth(name, layer, units, feeds_head):
         src, hops = src.all_input_nodes[0], hops + 1
     # ... and the grown layer itself is untouched (deep growth adds no units to it).
     assert not isinstance(gm.get_submodule(layer), Widened)
+    if not feeds_head:  # units == C: the pretrained consumer is kept as it was
+        cons = gm.get_submodule(layer.rsplit(".", 1)[0] + ".conv2")
+        assert type(cons) is nn.Conv2d and cons.weight is model.get_submodule(layer.rsplit(".", 1)[0] + ".conv2").weight
     if feeds_head:
         assert in_channels(gm.get_submodule(state.head)) == units
         assert _node(gm, state.head).args[0] is norm_node
@@ -239,3 +247,13 @@ def test_find_site_reports_consumers_and_positions():
     assert site.batchnorms == ["features.9"]
     site = find_site(gm, "classifier.0")
     assert [(c.name, c.positions) for c in site.consumers] == [("classifier.3", 1)]
+
+
+def test_growth_keeps_model_dtype():
+    model = digitnet().double()
+    gm = trace(model)
+    apply_steps(gm, [HeadStep(classes=7), GrowStep("wide", "features.8", 8), GrowStep("deep", "classifier.3", 32)],
+                GrowthState(input_size=32))
+    assert {p.dtype for p in gm.parameters()} == {torch.float64}
+    with torch.no_grad():
+        assert gm.eval()(images(2, 32).double()).dtype == torch.float64

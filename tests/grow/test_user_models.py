@@ -94,14 +94,11 @@ def test_cnn_wide_fc():
     assert in_channels(gm.get_submodule("fc2")) == 36
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: x.view(x.size(0), -1) is refused: the size() call is treated as a "
-                   "consumer ('feeds size') and the view reads a second graph value (analysis._only_tensor_arg)")
 def test_cnn_wide_conv_before_view():
     gm, _ = _run(CNN(), [GrowStep("wide", "conv2", 4)], 1)
     assert in_channels(gm.get_submodule("fc1")) == 20 * 16
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: x.view(x.size(0), -1) is refused (see test_cnn_wide_conv_before_view)")
 def test_cnn_deep_conv_before_view():
     _run(CNN(), [GrowStep("deep", "conv2", 16)], 1)
 
@@ -122,3 +119,32 @@ def test_user_grownorm_module_is_kept_and_treated_as_norm():
     gm, _ = grow(Pre(), [GrowStep("deep", "fc1", 6)], SIZE)
     with torch.no_grad():
         assert gm(images(2, SIZE)).shape == (2, 2)
+
+
+class FixedViewCNN(CNN):
+    """``x.view(-1, 16 * 4 * 4)``: a hard-coded width that growth would break."""
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = x.view(-1, 16 * 4 * 4)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def test_fixed_view_other_layers_still_grow():
+    _run(FixedViewCNN(), [GrowStep("wide", "conv1", 4), GrowStep("wide", "fc1", 4)], 2)
+
+
+def test_fixed_view_is_refused_before_editing():
+    from surgeon.errors import GrowthError
+    from surgeon.grow.analysis import trace
+    from surgeon.grow.ops import GrowthState, apply_steps
+
+    gm = trace(FixedViewCNN())
+    apply_steps(gm, [HeadStep(classes=3)], GrowthState(input_size=SIZE))
+    before = {k: v.shape for k, v in gm.state_dict().items()}
+    with pytest.raises(GrowthError) as info:
+        apply_steps(gm, [GrowStep("wide", "conv2", 4)], GrowthState(input_size=SIZE))
+    msg = str(info.value)
+    assert "--input-size" not in msg and ("view" in msg or "reshape" in msg) and "growable layers" in msg
+    assert {k: v.shape for k, v in gm.state_dict().items()} == before
