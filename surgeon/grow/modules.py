@@ -63,54 +63,45 @@ class SplitBatchNorm(nn.Module):
         return torch.cat([self.old(x[:, :c]), self.new(x[:, c:])], dim=1)
 
 
-class ExtendedLinear(nn.Linear):
-    """A Linear whose input gained features at the end: ``weight`` keeps the pretrained columns,
-    ``weight_extra`` holds the columns for the new inputs."""
+class _ExtendedInput:
+    """Shared by the Extended layers: ``weight`` keeps the pretrained input columns (dim 1),
+    ``weight_extra`` holds the columns for inputs added by growth (appended at the end)."""
 
-    def __init__(self, base: nn.Linear, extra: int) -> None:
-        super().__init__(base.in_features + extra, base.out_features, bias=base.bias is not None)
-        prev_extra = base.weight_extra.detach() if isinstance(base, ExtendedLinear) else None
+    weight: nn.Parameter
+    weight_extra: nn.Parameter
+    bias: nn.Parameter | None
+
+    def _take_weights(self, base: nn.Module, extra: int) -> None:
+        prev = base.weight_extra.detach() if isinstance(base, _ExtendedInput) else base.weight.detach()[:, :0]
+        shape = list(base.weight.shape)
+        shape[1] = extra
         self.weight = nn.Parameter(base.weight.detach().clone())
-        cols = torch.zeros(base.out_features, extra + (0 if prev_extra is None else prev_extra.shape[1]))
-        if prev_extra is not None:
-            cols[:, : prev_extra.shape[1]] = prev_extra
-        self.weight_extra = nn.Parameter(cols)
+        self.weight_extra = nn.Parameter(torch.cat([prev, prev.new_zeros(shape)], dim=1))
         self.bias = nn.Parameter(base.bias.detach().clone()) if base.bias is not None else None
 
     def full_weight(self) -> torch.Tensor:
         return torch.cat([self.weight, self.weight_extra], dim=1)
+
+
+class ExtendedLinear(_ExtendedInput, nn.Linear):
+    """A Linear whose input gained features at the end (new columns start at zero; the caller fills them)."""
+
+    def __init__(self, base: nn.Linear, extra: int) -> None:
+        nn.Linear.__init__(self, base.in_features + extra, base.out_features, bias=base.bias is not None)
+        self._take_weights(base, extra)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.full_weight(), self.bias)
 
 
-class ExtendedConv2d(nn.Conv2d):
+class ExtendedConv2d(_ExtendedInput, nn.Conv2d):
     """A Conv2d (groups=1) whose input gained channels at the end; see :class:`ExtendedLinear`."""
 
     def __init__(self, base: nn.Conv2d, extra: int) -> None:
-        super().__init__(
-            base.in_channels + extra,
-            base.out_channels,
-            base.kernel_size,
-            stride=base.stride,
-            padding=base.padding,
-            dilation=base.dilation,
-            groups=1,
-            bias=base.bias is not None,
-            padding_mode=base.padding_mode,
-        )
-        prev_extra = base.weight_extra.detach() if isinstance(base, ExtendedConv2d) else None
-        self.weight = nn.Parameter(base.weight.detach().clone())
-        shape = list(base.weight.shape)
-        shape[1] = extra + (0 if prev_extra is None else prev_extra.shape[1])
-        cols = torch.zeros(shape)
-        if prev_extra is not None:
-            cols[:, : prev_extra.shape[1]] = prev_extra
-        self.weight_extra = nn.Parameter(cols)
-        self.bias = nn.Parameter(base.bias.detach().clone()) if base.bias is not None else None
-
-    def full_weight(self) -> torch.Tensor:
-        return torch.cat([self.weight, self.weight_extra], dim=1)
+        nn.Conv2d.__init__(self, base.in_channels + extra, base.out_channels, base.kernel_size, stride=base.stride,
+                           padding=base.padding, dilation=base.dilation, groups=1, bias=base.bias is not None,
+                           padding_mode=base.padding_mode)
+        self._take_weights(base, extra)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.full_weight(), self.bias)
