@@ -1,7 +1,10 @@
 """Training-step time of a grown model vs the same widened model without GrowNorm (CPU).
 
 Both models have identical structure and widths except for the GrowNorm ops; steps alternate
-A/B/A/B in one process and the ratio of medians is reported (target ≤ 1.05).
+A/B/A/B in one process and the ratio of medians is reported (target ≤ 1.05). Where a model sits in
+memory changes its speed by several percent on a CPU (seen here: the first of two *identical*
+VGG11s built was 5-10 % slower), so each side is built twice, in the order A B B A, and all four
+models are timed round-robin.
 
     python benchmarks/train_step.py [--rounds 15] [--steps 5] [--json out.json]
 """
@@ -62,19 +65,26 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="steps per timed block")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--flush-denormal", action="store_true", help="flush denormal floats to zero (CPU)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.flush_denormal:
+        torch.set_flush_denormal(True)
     results = []
     for label, arch, layer, units, size, batch in CASES:
         x = torch.randn(batch, 3, size, size)
         y = torch.randint(0, 10, (batch,))
-        a = step_fn(grown(arch, layer, units, size, norm=True), x, y)
-        b = step_fn(grown(arch, layer, units, size, norm=False), x, y)
-        timed(a, 2), timed(b, 2)  # warm-up
+        a1 = step_fn(grown(arch, layer, units, size, norm=True), x, y)
+        b1 = step_fn(grown(arch, layer, units, size, norm=False), x, y)
+        b2 = step_fn(grown(arch, layer, units, size, norm=False), x, y)
+        a2 = step_fn(grown(arch, layer, units, size, norm=True), x, y)
+        for f in (a1, b1, b2, a2):  # warm-up
+            timed(f, 2)
         ta, tb = [], []
-        for _ in range(args.rounds):  # interleaved: drift on a shared machine hits both alike
-            ta.append(timed(a, args.steps))
-            tb.append(timed(b, args.steps))
+        for r in range(args.rounds):  # interleaved: drift on a shared machine hits both alike
+            order = [(a1, ta), (b1, tb), (b2, tb), (a2, ta)]
+            for f, times in order if r % 2 == 0 else order[::-1]:
+                times.append(timed(f, args.steps))
         ma, mb = statistics.median(ta), statistics.median(tb)
         row = {"case": label, "batch": batch, "input": size, "grownorm_ms": 1e3 * ma, "no_grownorm_ms": 1e3 * mb,
                "ratio": ma / mb}

@@ -48,10 +48,12 @@ def grow_norm(
         raise ValueError(f"GrowNorm groups {groups} sum to {sum(groups)} but the input has {x.shape[1]} channels")
     work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     parts = torch.split(work, list(groups), dim=1)
-    scaled = [p * p.pow(2).sum(dim=1, keepdim=True).clamp_min(eps * eps).rsqrt() for p in parts]
+    scales = [p.pow(2).sum(dim=1, keepdim=True).clamp_min(eps * eps).rsqrt() for p in parts]
+    if gamma is not None:  # fold γ into the per-group scale: one multiply per element
+        g = gamma.to(work.dtype).reshape((1, -1) + (1,) * (x.dim() - 2))
+        scales = [s * gg for s, gg in zip(scales, torch.split(g, list(groups), dim=1))]
+    scaled = [p * s for p, s in zip(parts, scales)]
     y = scaled[0] if len(scaled) == 1 else torch.cat(scaled, dim=1)
-    if gamma is not None:
-        y = y * gamma.to(y.dtype).reshape((1, -1) + (1,) * (x.dim() - 2))
     return y.to(x.dtype)
 
 
