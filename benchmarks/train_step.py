@@ -86,11 +86,14 @@ def main() -> None:
             for f, times in order if r % 2 == 0 else order[::-1]:
                 times.append(timed(f, args.steps))
         ma, mb = statistics.median(ta), statistics.median(tb)
+        # Per-round paired ratios show the noise floor of this machine next to the ratio of medians.
+        paired = sorted((ta[2 * i] + ta[2 * i + 1]) / (tb[2 * i] + tb[2 * i + 1]) for i in range(args.rounds))
+        q1, q3 = paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
         row = {"case": label, "batch": batch, "input": size, "grownorm_ms": 1e3 * ma, "no_grownorm_ms": 1e3 * mb,
-               "ratio": ma / mb}
+               "ratio": ma / mb, "paired_ratio_q1": q1, "paired_ratio_q3": q3}
         results.append(row)
-        print(f"{label:<34} batch {batch:>3}  with GrowNorm {1e3 * ma:8.2f} ms  without {1e3 * mb:8.2f} ms  ratio {ma / mb:.3f}",
-              flush=True)
+        print(f"{label:<34} batch {batch:>3}  with GrowNorm {1e3 * ma:8.2f} ms  without {1e3 * mb:8.2f} ms  "
+              f"ratio {ma / mb:.3f}  (paired rounds IQR {q1:.3f}-{q3:.3f})", flush=True)
     if args.json:
         meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__}
         with open(args.json, "w") as fh:

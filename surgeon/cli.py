@@ -7,6 +7,7 @@ import click
 from surgeon import __version__
 from surgeon.commands.common import CONTEXT
 from surgeon.commands.demo import demo
+from surgeon.commands.export import export, verify
 from surgeon.commands.finetune import finetune
 from surgeon.commands.layers import layers
 
@@ -27,6 +28,8 @@ def cli() -> None:
 cli.add_command(layers)
 cli.add_command(finetune)
 cli.add_command(demo)
+cli.add_command(export)
+cli.add_command(verify)
 
 
 def main() -> None:

@@ -57,6 +57,17 @@ def grow_norm(
     return y.to(x.dtype)
 
 
+@torch.library.custom_op("surgeon::grow_norm", mutates_args=())
+def grow_norm_op(x: torch.Tensor, gamma: torch.Tensor, groups: list[int], eps: float) -> torch.Tensor:
+    """GrowNorm as one opaque op, so ``torch.export`` (and the ONNX exporter) see a single node."""
+    return grow_norm(x, groups, gamma, eps)
+
+
+@grow_norm_op.register_fake
+def _(x: torch.Tensor, gamma: torch.Tensor, groups: list[int], eps: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 class GrowNorm(nn.Module):
     """Module form of :func:`grow_norm` with a learned per-channel ``gamma``.
 
@@ -92,6 +103,9 @@ class GrowNorm(nn.Module):
         return sum(self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():
+            gamma = self.gamma if self.gamma is not None else x.new_ones(self.channels)
+            return grow_norm_op(x, gamma, list(self.groups), self.eps)
         return grow_norm(x, self.groups, self.gamma, self.eps)
 
     def extra_repr(self) -> str:

@@ -209,3 +209,11 @@ def test_demo_command_prints_both_accuracies(tmp_path):
     assert "baseline" in res.output and "wide classifier.3 +128" in res.output
     assert (tmp_path / "demo" / "baseline" / "grown.pt").exists()
     assert (tmp_path / "demo" / "wide" / "grown.pt").exists()
+
+
+def test_amp_on_cpu_trains_in_bfloat16(tmp_path):
+    result = finetune(_config(tmp_path, grow=[GrowStep("wide", "features.8", 16)], amp=True), progress=False)
+    row = result.history[0]
+    assert 0.0 <= row["val_acc"] <= 1.0 and row["train_loss"] == row["train_loss"]  # finite, not NaN
+    raw = torch.load(result.output_dir / "grown.pt", weights_only=True)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in raw["state_dict"].values())  # master weights stay fp32

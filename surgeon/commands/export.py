@@ -1,0 +1,72 @@
+"""``surgeon export`` and ``surgeon verify``: grown.pt → verified ONNX."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from surgeon.commands.common import CONTEXT, friendly_errors
+
+
+def _print_checks(checks) -> None:
+    for c in checks:
+        click.echo(f"  {c.stage:<8} {c.inputs:<28} batch {c.batch:>3}  max |err| {c.max_abs_err:.2e}  "
+                   f"relative {c.rel_err:.2e}  (tolerance {c.tolerance:.0e})  {'ok' if c.ok else 'FAIL'}")
+
+
+@click.command("export", context_settings=CONTEXT)
+@click.argument("grown", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="ONNX file to write [default: model.onnx next to GROWN].")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18-23).")
+@click.option("--calib", type=click.Path(file_okay=False), default=None,
+              help="Folder of real images to verify on, besides random inputs.")
+@click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write what was checked as JSON.")
+@click.option("--trust-code", is_flag=True, help="Allow importing the user code the checkpoint was grown from.")
+@friendly_errors
+def export(grown: str, output: str | None, opset: int, calib: str | None, report: str | None, trust_code: bool) -> None:
+    """Export a grown checkpoint to ONNX: dynamic batch, inputs `images` → `logits`, class names and
+    preprocessing in the metadata, each GrowNorm one `surgeon::GrowNorm` node backed by a local
+    function (ONNX Runtime runs the file as is). The file is written only after ONNX Runtime matches
+    PyTorch (relative error ≤ 1e-4 of the logits' scale).
+
+    \b
+    Example:
+      surgeon export runs/wide/grown.pt -o runs/wide/model.onnx --calib ~/data/flowers/val
+    """
+    from surgeon.export.onnx_export import export_checkpoint
+    from surgeon.fileio import atomic_write_text
+
+    result = export_checkpoint(grown, output, opset=opset, trust_code=trust_code, calib=calib)
+    click.echo(f"wrote {result.path} ({result.grownorm_nodes} GrowNorm node(s), opset {opset})")
+    _print_checks(result.verifications)
+    if report:
+        atomic_write_text(report, json.dumps({"onnx": str(result.path), "grownorm_nodes": result.grownorm_nodes,
+                                              "verification": [c.__dict__ | {"ok": c.ok} for c in result.verifications]}, indent=2))
+
+
+@click.command("verify", context_settings=CONTEXT)
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--against", "grown", required=True, type=click.Path(dir_okay=False), help="The grown.pt it was exported from.")
+@click.option("--data", "calib", type=click.Path(file_okay=False), default=None, help="Folder of real images to compare on.")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Relative to the logits' scale.")
+@click.option("--trust-code", is_flag=True, help="Allow importing the user code the checkpoint was grown from.")
+@friendly_errors
+def verify(model: str, grown: str, calib: str | None, tolerance: float, trust_code: bool) -> None:
+    """Check an ONNX file against the PyTorch checkpoint it came from, with ONNX Runtime (CPU).
+
+    \b
+    Example:
+      surgeon verify runs/wide/model.onnx --against runs/wide/grown.pt --data ~/data/flowers/val
+    """
+    from surgeon.checkpoint import read_checkpoint
+    from surgeon.export.onnx_io import load_onnx
+    from surgeon.export.verify import verify_against_torch
+
+    proto = load_onnx(model)
+    ckpt = read_checkpoint(grown)
+    checks = verify_against_torch(proto, ckpt.build_model(trust_code=trust_code), ckpt.preprocessing,
+                                  stage="verify", tolerance=tolerance, calib=calib)
+    _print_checks(checks)
+    click.echo(f"{model} matches {grown}")

@@ -1,0 +1,112 @@
+"""``grown.pt`` → ONNX: one file with a dynamic batch, stable names, metadata and GrowNorm nodes.
+
+Every export is verified against PyTorch with ONNX Runtime before it is written (atomically); a
+model that misses its tolerance is never written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from surgeon import __version__
+from surgeon.checkpoint import Checkpoint, read_checkpoint
+from surgeon.errors import SurgeonError
+from surgeon.export import grownorm_op
+from surgeon.export.verify import Verification, verify_against_torch
+from surgeon.fileio import atomic_write
+from surgeon.grow.recipe import recipe_to_json
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+MIN_OPSET, MAX_OPSET = 18, 23
+DEFAULT_OPSET = 18
+
+
+@dataclass
+class ExportResult:
+    path: Path | None
+    model: onnx.ModelProto
+    verifications: list[Verification] = field(default_factory=list)
+    grownorm_nodes: int = 0
+
+
+def metadata(ckpt: Checkpoint) -> dict[str, str]:
+    """What runtimes need to use the model without the checkpoint: classes, preprocessing, recipe."""
+    return {
+        "surgeon_version": __version__,
+        "surgeon.classes": json.dumps(ckpt.classes),
+        "surgeon.preprocessing": json.dumps(ckpt.preprocessing.to_dict()),
+        "surgeon.recipe": json.dumps(recipe_to_json(ckpt.recipe)),
+        "surgeon.base_model": ckpt.model,
+        "surgeon.base_weights": ckpt.weights,
+        "surgeon.input": INPUT_NAME,
+        "surgeon.output": OUTPUT_NAME,
+    }
+
+
+def to_onnx(model: nn.Module, input_size: int, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """Export an eval-mode model with GrowNorm as ``surgeon::GrowNorm`` nodes plus the local function."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise SurgeonError(f"--opset {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET}")
+    grownorm_op.register_schema()
+    model = model.eval()
+    example = torch.randn(2, 3, input_size, input_size)
+    quiet = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, verbose=False, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+                custom_translation_table={torch.ops.surgeon.grow_norm.default: grownorm_op.onnx_translation},
+            )
+    except Exception as exc:
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise SurgeonError(f"torch.onnx.export failed: {first[:300]}") from None
+    proto = program.model_proto
+    if any(n.domain == grownorm_op.DOMAIN for n in proto.graph.node):
+        proto.functions.append(grownorm_op.grownorm_function())
+    if not any(o.domain == grownorm_op.DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid(grownorm_op.DOMAIN, 1))
+    proto.producer_name, proto.producer_version = "surgeon", __version__
+    return proto
+
+
+def set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
+    keep = [(p.key, p.value) for p in proto.metadata_props if p.key not in props]
+    del proto.metadata_props[:]
+    for key, value in [*keep, *props.items()]:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def save_onnx(proto: onnx.ModelProto, path: str | Path) -> Path:
+    return atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+
+
+def export_checkpoint(grown: str | Path, output: str | Path | None = None, *, opset: int = DEFAULT_OPSET,
+                      trust_code: bool = False, calib: str | None = None, tolerance: float = 1e-4) -> ExportResult:
+    """Export ``grown.pt`` to ONNX, verify it with ONNX Runtime, and write it (next to the checkpoint
+    as ``model.onnx`` unless ``output`` is given)."""
+    ckpt = read_checkpoint(grown)
+    model = ckpt.build_model(trust_code=trust_code)
+    out = Path(output) if output else Path(grown).with_name("model.onnx")
+    proto = to_onnx(model, ckpt.preprocessing.input_size, opset)
+    set_metadata(proto, metadata(ckpt))
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        raise SurgeonError(f"the exported model is not valid ONNX: {str(exc).splitlines()[0]}") from None
+    checks = verify_against_torch(proto, model, ckpt.preprocessing, stage="export", tolerance=tolerance, calib=calib)
+    save_onnx(proto, out)
+    return ExportResult(out, proto, checks, sum(n.domain == grownorm_op.DOMAIN for n in proto.graph.node))

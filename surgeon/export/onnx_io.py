@@ -1,0 +1,22 @@
+"""Reading ONNX files with one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from surgeon.errors import SurgeonError
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    p = Path(path)
+    if not p.exists():
+        raise SurgeonError(f"ONNX file {p} does not exist")
+    try:
+        proto = onnx.load(p)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise SurgeonError(f"{p} is not a readable ONNX model ({type(exc).__name__})") from None
+    if not proto.graph.node:
+        raise SurgeonError(f"{p} is not a readable ONNX model (it has no graph)")
+    return proto

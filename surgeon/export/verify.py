@@ -1,0 +1,100 @@
+"""Numeric verification: ONNX Runtime (CPU) against PyTorch on the same inputs.
+
+The error is measured relative to the scale of the logits — ``max|onnx − torch| / max|torch|`` —
+so a tolerance means the same thing for every model. Random inputs always run (at two batch sizes,
+which also checks the dynamic batch dimension); with ``calib`` a folder of real images runs too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from surgeon.errors import SurgeonError
+from surgeon.preprocessing import Preprocessing
+
+FP32_TOLERANCE = 1e-4
+
+
+@dataclass
+class Verification:
+    stage: str
+    inputs: str
+    batch: int
+    max_abs_err: float
+    rel_err: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.rel_err <= self.tolerance
+
+
+def ort_session(proto: onnx.ModelProto):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise SurgeonError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from None
+
+
+def _real_images(calib: str, pre: Preprocessing, limit: int = 32) -> torch.Tensor:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from surgeon.train.data import eval_transform, open_image
+
+    root = Path(calib)
+    if not root.is_dir():
+        raise SurgeonError(f"--calib folder {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith("."))[:limit]
+    if not files:
+        raise SurgeonError(f"--calib folder {root} holds no images")
+    transform = eval_transform(pre)
+    return torch.stack([transform(open_image(f)) for f in files])
+
+
+def input_sets(pre: Preprocessing, calib: str | None, seed: int = 0) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    size = pre.input_size
+    sets = [("random", torch.randn(1, 3, size, size, generator=g)), ("random", torch.randn(5, 3, size, size, generator=g))]
+    if calib:
+        sets.append((f"images from {calib}", _real_images(calib, pre)))
+    return sets
+
+
+def compare(reference: np.ndarray, actual: np.ndarray) -> tuple[float, float]:
+    if reference.shape != actual.shape:
+        raise SurgeonError(f"output shape {actual.shape} differs from PyTorch's {reference.shape}")
+    err = float(np.max(np.abs(reference.astype(np.float64) - actual.astype(np.float64))))
+    scale = max(float(np.max(np.abs(reference))), 1e-6)
+    return err, err / scale
+
+
+def verify_against_torch(proto: onnx.ModelProto, model: nn.Module, pre: Preprocessing, *, stage: str,
+                         tolerance: float = FP32_TOLERANCE, calib: str | None = None) -> list[Verification]:
+    """Raise SurgeonError (naming ``stage``) unless ONNX Runtime matches PyTorch within ``tolerance``."""
+    session = ort_session(proto)
+    name = session.get_inputs()[0].name
+    model = model.eval()
+    results = []
+    for what, x in input_sets(pre, calib):
+        with torch.no_grad():
+            reference = model(x).float().numpy()
+        actual = session.run(None, {name: x.numpy()})[0]
+        err, rel = compare(reference, actual)
+        check = Verification(stage, what, len(x), err, rel, tolerance)
+        results.append(check)
+        if not check.ok:
+            raise SurgeonError(
+                f"{stage}: ONNX Runtime differs from PyTorch by {rel:.2e} of the logits' scale on {what} "
+                f"(batch {len(x)}; tolerance {tolerance:.0e}); the model was not written"
+            )
+    return results
