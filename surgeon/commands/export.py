@@ -11,8 +11,20 @@ from surgeon.commands.common import CONTEXT, friendly_errors
 
 def _print_checks(checks) -> None:
     for c in checks:
-        click.echo(f"  {c.stage:<8} {c.inputs:<28} batch {c.batch:>3}  max |err| {c.max_abs_err:.2e}  "
+        click.echo(f"  {c.stage:<15} {c.inputs:<20} batch {c.batch:>3}  max |err| {c.max_abs_err:.2e}  "
                    f"relative {c.rel_err:.2e}  (tolerance {c.tolerance:.0e})  {'ok' if c.ok else 'FAIL'}")
+
+
+def _ops(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
+def _print_passes(passes: list[dict]) -> None:
+    for p in passes:
+        for change in p["changed"]:
+            click.echo(f"  {p['pass']:<15} done     {change['candidate']}: {change['done']}")
+        for skip in p["skipped"]:
+            click.echo(f"  {p['pass']:<15} skipped  {skip['candidate']}: {skip['reason']}")
 
 
 @click.command("export", context_settings=CONTEXT)
@@ -22,10 +34,13 @@ def _print_checks(checks) -> None:
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18-23).")
 @click.option("--calib", type=click.Path(file_okay=False), default=None,
               help="Folder of real images to verify on, besides random inputs.")
-@click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write what was checked as JSON.")
+@click.option("--no-fold", is_flag=True, help="Skip fold-gamma and merge-parallel (keep the grown structure; cleanup still runs).")
+@click.option("--report", type=click.Path(dir_okay=False), default=None,
+              help="Write the passes' report (every candidate, what was done or why not) and the checks as JSON.")
 @click.option("--trust-code", is_flag=True, help="Allow importing the user code the checkpoint was grown from.")
 @friendly_errors
-def export(grown: str, output: str | None, opset: int, calib: str | None, report: str | None, trust_code: bool) -> None:
+def export(grown: str, output: str | None, opset: int, calib: str | None, no_fold: bool, report: str | None,
+           trust_code: bool) -> None:
     """Export a grown checkpoint to ONNX: dynamic batch, inputs `images` → `logits`, class names and
     preprocessing in the metadata, each GrowNorm one `surgeon::GrowNorm` node backed by a local
     function (ONNX Runtime runs the file as is). The file is written only after ONNX Runtime matches
@@ -38,12 +53,17 @@ def export(grown: str, output: str | None, opset: int, calib: str | None, report
     from surgeon.export.onnx_export import export_checkpoint
     from surgeon.fileio import atomic_write_text
 
-    result = export_checkpoint(grown, output, opset=opset, trust_code=trust_code, calib=calib)
+    result = export_checkpoint(grown, output, opset=opset, trust_code=trust_code, calib=calib, fold=not no_fold)
     click.echo(f"wrote {result.path} ({result.grownorm_nodes} GrowNorm node(s), opset {opset})")
+    _print_passes(result.passes)
+    click.echo(f"  ops before passes: {_ops(result.ops_before)}")
+    click.echo(f"  ops after passes:  {_ops(result.ops_after)}")
     _print_checks(result.verifications)
     if report:
-        atomic_write_text(report, json.dumps({"onnx": str(result.path), "grownorm_nodes": result.grownorm_nodes,
-                                              "verification": [c.__dict__ | {"ok": c.ok} for c in result.verifications]}, indent=2))
+        atomic_write_text(report, json.dumps({
+            "onnx": str(result.path), "grownorm_nodes": result.grownorm_nodes, "passes": result.passes,
+            "ops_before": result.ops_before, "ops_after": result.ops_after,
+            "verification": [c.__dict__ | {"ok": c.ok} for c in result.verifications]}, indent=2, ensure_ascii=False))
 
 
 @click.command("verify", context_settings=CONTEXT)

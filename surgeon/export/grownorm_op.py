@@ -13,7 +13,8 @@
 
 from __future__ import annotations
 
-import functools
+import contextlib
+from collections.abc import Iterator
 
 import onnx
 from onnx import helper
@@ -26,9 +27,11 @@ PLUGIN_VERSION = "1"
 FUNCTION_OPSET = 18   # the standard-op opset the function body is written against
 
 
-@functools.cache
-def register_schema() -> None:
-    """Teach onnx (and so the exporter) the node's signature; the computation lives in the function."""
+@contextlib.contextmanager
+def registered_schema() -> Iterator[None]:
+    """Teach onnx the node's signature while torch.onnx translates to it. Outside export the schema
+    is removed again, so onnx's checker and shape inference use the model-local function (which
+    also infers the output shape; a bare schema would not)."""
     A = OpSchema.AttrType
     schema = OpSchema(
         OP_TYPE, DOMAIN, 1,
@@ -43,17 +46,17 @@ def register_schema() -> None:
             OpSchema.Attribute("plugin_version", A.STRING, "TensorRT plugin version"),
         ],
     )
+    onnx.defs.register_schema(schema)
     try:
-        onnx.defs.register_schema(schema)
-    except onnx.defs.SchemaError:
-        pass  # already registered by another copy of this module
+        yield
+    finally:
+        onnx.defs.deregister_schema(OP_TYPE, 1, DOMAIN)
 
 
 def onnx_translation(x, gamma, groups, eps):
     """``custom_translation_table`` entry for ``torch.ops.surgeon.grow_norm``."""
     import onnxscript
 
-    register_schema()
     opset = onnxscript.values.Opset(DOMAIN, 1)
     return opset.GrowNorm(x, gamma, groups=list(groups), eps=float(eps),
                           plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION)

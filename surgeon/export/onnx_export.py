@@ -36,7 +36,21 @@ class ExportResult:
     path: Path | None
     model: onnx.ModelProto
     verifications: list[Verification] = field(default_factory=list)
-    grownorm_nodes: int = 0
+    passes: list[dict] = field(default_factory=list)   # per pass: changed, skipped (with reasons)
+    ops_before: dict[str, int] = field(default_factory=dict)
+    ops_after: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def grownorm_nodes(self) -> int:
+        return self.ops_after.get(f"{grownorm_op.DOMAIN}::{grownorm_op.OP_TYPE}", 0)
+
+
+def op_counts(proto: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in proto.graph.node:
+        key = f"{n.domain}::{n.op_type}" if n.domain else n.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def metadata(ckpt: Checkpoint) -> dict[str, str]:
@@ -57,12 +71,11 @@ def to_onnx(model: nn.Module, input_size: int, opset: int = DEFAULT_OPSET) -> on
     """Export an eval-mode model with GrowNorm as ``surgeon::GrowNorm`` nodes plus the local function."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise SurgeonError(f"--opset {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET}")
-    grownorm_op.register_schema()
     model = model.eval()
     example = torch.randn(2, 3, input_size, input_size)
     quiet = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), grownorm_op.registered_schema():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model, (example,), dynamo=True, verbose=False, opset_version=opset,
@@ -95,9 +108,14 @@ def save_onnx(proto: onnx.ModelProto, path: str | Path) -> Path:
 
 
 def export_checkpoint(grown: str | Path, output: str | Path | None = None, *, opset: int = DEFAULT_OPSET,
-                      trust_code: bool = False, calib: str | None = None, tolerance: float = 1e-4) -> ExportResult:
-    """Export ``grown.pt`` to ONNX, verify it with ONNX Runtime, and write it (next to the checkpoint
-    as ``model.onnx`` unless ``output`` is given)."""
+                      trust_code: bool = False, calib: str | None = None, tolerance: float = 1e-4,
+                      fold: bool = True) -> ExportResult:
+    """Export ``grown.pt`` to ONNX, run the graph passes (``fold=False``: cleanup only), verify
+    against PyTorch after export and after every pass that changed the graph, and write the result
+    (next to the checkpoint as ``model.onnx`` unless ``output`` is given)."""
+    from surgeon.export.passes import default_passes
+    from surgeon.export.passes.base import summarize
+
     ckpt = read_checkpoint(grown)
     model = ckpt.build_model(trust_code=trust_code)
     out = Path(output) if output else Path(grown).with_name("model.onnx")
@@ -108,5 +126,11 @@ def export_checkpoint(grown: str | Path, output: str | Path | None = None, *, op
     except onnx.checker.ValidationError as exc:
         raise SurgeonError(f"the exported model is not valid ONNX: {str(exc).splitlines()[0]}") from None
     checks = verify_against_torch(proto, model, ckpt.preprocessing, stage="export", tolerance=tolerance, calib=calib)
+    before = op_counts(proto)
+
+    def after_pass(name: str, candidate: onnx.ModelProto) -> None:
+        checks.extend(verify_against_torch(candidate, model, ckpt.preprocessing, stage=name, tolerance=tolerance, calib=calib))
+
+    proto, results = default_passes(fold).run(proto, after_each=after_pass)
     save_onnx(proto, out)
-    return ExportResult(out, proto, checks, sum(n.domain == grownorm_op.DOMAIN for n in proto.graph.node))
+    return ExportResult(out, proto, checks, summarize(results), before, op_counts(proto))

@@ -180,3 +180,42 @@ def test_unsupported_opset_and_unwritable_output(tmp_path, wwa):
     res = CliRunner().invoke(cli, ["export", str(ckpt), "-o", str(blocker / "m.onnx")])
     assert res.exit_code == 1 and "cannot write" in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_passes_remove_the_growth_overhead(tmp_path):
+    """fold-gamma leaves every GrowNorm with γ = 1 and merge-parallel removes the branches: the
+    folded file has the op counts of a plain network of the same widths plus the GrowNorm nodes."""
+    steps = [GrowStep("wide", "features.8", 8), GrowStep("wide", "classifier.3", 16)]
+    ckpt = _grown_checkpoint(tmp_path / "grown.pt", steps)
+    folded = export_checkpoint(ckpt, tmp_path / "folded.onnx")
+    unfolded = export_checkpoint(ckpt, tmp_path / "unfolded.onnx", fold=False)
+    assert unfolded.ops_after["Conv"] == 4 and unfolded.ops_after["Gemm"] == 4
+    assert unfolded.ops_after.get("Slice", 0) == 2 and unfolded.ops_after.get("Concat", 0) >= 2
+    # Plain DigitNet: 3 Conv, 3 Gemm, no Concat/Slice; one BatchNorm survives where the split one was merged.
+    assert folded.ops_after["Conv"] == 3 and folded.ops_after["Gemm"] == 3
+    assert "Concat" not in folded.ops_after and "Slice" not in folded.ops_after
+    assert folded.grownorm_nodes == unfolded.grownorm_nodes == 2
+    model = onnx.load(folded.path)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in (n for n in model.graph.node if n.op_type == "GrowNorm"):
+        assert np.all(inits[node.input[1]] == 1)
+    fold = next(p for p in folded.passes if p["pass"] == "fold-gamma")
+    assert len(fold["changed"]) == 2 and not fold["skipped"]
+    assert {c.stage for c in folded.verifications} == {"export", "cleanup", "fold-gamma", "merge-parallel"}
+    # Same function, same numbers.
+    x = torch.randn(3, 3, 32, 32).numpy()
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]  # noqa: E731
+    np.testing.assert_allclose(run(folded.path), run(unfolded.path), rtol=1e-4, atol=1e-5)
+
+
+def test_fold_keeps_negative_gamma_before_relu_and_says_so(tmp_path):
+    # fc6 widened: GrowNorm → Dropout → fc7 (no ReLU in between: everything folds);
+    # then make one γ negative in a conv-level norm that reaches the consumer through MaxPool.
+    ckpt_path = _grown_checkpoint(tmp_path / "grown.pt", [GrowStep("wide", "features.8", 8)])
+    raw = torch.load(ckpt_path, weights_only=True)
+    raw["state_dict"]["features_8_norm.gamma"][:3] = -1.0
+    torch.save(raw, ckpt_path)
+    result = export_checkpoint(ckpt_path, tmp_path / "m.onnx")
+    fold = next(p for p in result.passes if p["pass"] == "fold-gamma")
+    assert "69/72 channels" in fold["changed"][0]["done"]
+    assert any("3 channel(s) with γ ≤ 0" in s["reason"] for s in fold["skipped"])

@@ -1,0 +1,13 @@
+"""Graph passes over the exported ONNX (onnx-graphsurgeon), each one small module:
+
+- ``fold-gamma``: move GrowNorm's per-channel scale γ into the next Gemm/MatMul/Conv;
+- ``merge-parallel``: the old and new branches of a widened layer become one op;
+- ``cleanup``: constant folding, dead nodes, Identity/Dropout, toposort.
+
+Each pass returns what it changed and, for every candidate it skipped, why. The manager runs them
+to a fixed point; the caller verifies the numbers after every pass that changed something.
+"""
+
+from surgeon.export.passes.base import PassManager, PassResult, default_passes
+
+__all__ = ["PassManager", "PassResult", "default_passes"]

@@ -1,0 +1,42 @@
+"""cleanup: constant folding, Identity/Dropout removal, dead nodes, toposort."""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from surgeon.export.passes.base import PassResult
+
+_NOOPS = ("Identity", "Dropout")
+
+
+def _bypass(graph: gs.Graph, node: gs.Node) -> bool:
+    """Route ``node``'s consumers to its input; False when its output is a graph output."""
+    src, out = node.inputs[0], node.outputs[0]
+    if out in graph.outputs:
+        return False
+    for consumer in list(out.outputs):
+        consumer.inputs = [src if t is out else t for t in consumer.inputs]
+    node.outputs.clear()
+    return True
+
+
+def cleanup(graph: gs.Graph) -> PassResult:
+    result = PassResult("cleanup")
+    for node in list(graph.nodes):
+        if node.op in _NOOPS and (node.op != "Dropout" or len(node.outputs) == 1 or not node.outputs[1].outputs):
+            if _bypass(graph, node):
+                result.changed.append((node.name, f"removed {node.op}"))
+            else:
+                result.skipped.append((node.name, f"{node.op} produces a graph output"))
+    before = len(graph.nodes)
+    graph.cleanup()
+    # Fold what only depends on constants (e.g. Concat of a grown layer's old and new weights).
+    folded_from = {n.name for n in graph.nodes if n.op != "Constant"}
+    graph.fold_constants(error_ok=True).cleanup()
+    folded = folded_from - {n.name for n in graph.nodes}
+    if folded:
+        result.changed.append(("constants", f"folded {len(folded)} constant node(s): {', '.join(sorted(folded)[:6])}{' ...' if len(folded) > 6 else ''}"))
+    if len(graph.nodes) < before and not folded:
+        result.changed.append(("dead nodes", f"removed {before - len(graph.nodes)} dead node(s)"))
+    graph.toposort()
+    return result

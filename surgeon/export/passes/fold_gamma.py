@@ -1,0 +1,133 @@
+"""fold-gamma: move GrowNorm's per-channel scale γ into the next linear op.
+
+y_c = γ_c·x̂_c feeds a Gemm/MatMul/Conv through ops that commute with a per-channel scale:
+Dropout/Identity and average pooling always; ReLU, LeakyReLU and max pooling only for γ_c > 0
+(max(γx, 0) = γ·max(x, 0) needs γ > 0); Flatten/Reshape repeat γ over each channel's positions. The
+consumer's input columns are multiplied by γ and GrowNorm keeps a scale of 1 — or, for channels
+whose γ cannot pass (γ ≤ 0 before a ReLU), keeps their γ and says so.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from surgeon.export.grownorm_op import DOMAIN, OP_TYPE
+from surgeon.export.passes.base import PassResult
+
+_ALWAYS = {"Dropout", "Identity", "AveragePool", "GlobalAveragePool"}
+_POSITIVE_ONLY = {"Relu", "LeakyRelu", "MaxPool", "GlobalMaxPool"}
+_FLATTENS = {"Flatten", "Reshape"}
+_LINEAR = {"Gemm", "MatMul", "Conv"}
+
+
+def _const(t: gs.Tensor) -> np.ndarray | None:
+    return t.values if isinstance(t, gs.Constant) else None
+
+
+def _channel_positions(src: gs.Tensor, dst: gs.Tensor) -> int | None:
+    """How many flattened positions each channel spans after ``src`` → ``dst`` (channel-major)."""
+    s, d = src.shape, dst.shape
+    if not s or not d or len(d) != 2 or len(s) < 2 or not all(isinstance(v, int) for v in list(s[1:]) + [d[1]]):
+        return None
+    spatial = int(np.prod(s[2:])) if len(s) > 2 else 1
+    return spatial if d[1] == s[1] * spatial else None
+
+
+def _reduce_mean_ok(node: gs.Node) -> bool:
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1:
+        axes = _const(node.inputs[1])
+    return axes is not None and all(int(a) >= 2 for a in np.atleast_1d(axes))
+
+
+def _walk(norm: gs.Node) -> tuple[gs.Node | None, gs.Tensor, list[str], int, bool, str]:
+    """Follow GrowNorm's output to the consumer:
+    (consumer, the tensor it reads, path ops, positions per channel, needs γ > 0, why not)."""
+    cur = norm.outputs[0]
+    path: list[str] = []
+    positions, positive = 1, False
+    while True:
+        users = list(cur.outputs)
+        if len(users) != 1:
+            why = "its output is a graph output" if not users else f"its output has {len(users)} consumers ({', '.join(u.op for u in users)})"
+            return None, cur, path, positions, positive, why
+        node = users[0]
+        if node.op in _LINEAR:
+            return node, cur, path, positions, positive, ""
+        if node.op in _ALWAYS or (node.op == "ReduceMean" and _reduce_mean_ok(node)):
+            pass
+        elif node.op in _POSITIVE_ONLY:
+            positive = True
+        elif node.op in _FLATTENS:
+            p = _channel_positions(cur, node.outputs[0])
+            if p is None:
+                return None, cur, path, positions, positive, f"{node.op} {node.name} does not flatten channel-major from dim 1"
+            positions *= p
+        else:
+            what = " (a residual branch)" if node.op in ("Add", "Sum") else ""
+            return None, cur, path, positions, positive, f"reaches {node.op} {node.name}{what}, which does not commute with a per-channel scale"
+        path.append(node.op)
+        cur = node.outputs[0]
+
+
+def _scale_consumer(consumer: gs.Node, src: gs.Tensor, scale: np.ndarray, positions: int) -> str | None:
+    """Multiply the consumer's input columns by ``scale`` (repeated per position); None or why not."""
+    if not consumer.inputs or consumer.inputs[0] is not src:
+        return f"{consumer.op} {consumer.name} reads it as a weight, not as its input"
+    weight = _const(consumer.inputs[1]) if len(consumer.inputs) > 1 else None
+    if weight is None:
+        return f"the weight of {consumer.op} {consumer.name} is not a constant"
+    cols = np.repeat(scale, positions).astype(weight.dtype)
+    if consumer.op == "Gemm":
+        if consumer.attrs.get("transA", 0):
+            return f"Gemm {consumer.name} transposes its input"
+        axis = 1 if consumer.attrs.get("transB", 0) else 0
+    elif consumer.op == "MatMul":
+        if weight.ndim != 2:
+            return f"MatMul {consumer.name} has a {weight.ndim}-D weight"
+        axis = 0
+    else:
+        if consumer.attrs.get("group", 1) != 1:
+            return f"Conv {consumer.name} is grouped"
+        axis = 1
+    if weight.shape[axis] != cols.size:
+        return f"{consumer.op} {consumer.name} reads {weight.shape[axis]} inputs, not {cols.size}"
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    consumer.inputs[1] = gs.Constant(f"{consumer.inputs[1].name}_gamma_folded", (weight * cols.reshape(shape)).astype(weight.dtype))
+    return None
+
+
+def fold_gamma(graph: gs.Graph) -> PassResult:
+    result = PassResult("fold-gamma")
+    for norm in [n for n in graph.nodes if n.op == OP_TYPE and n.domain == DOMAIN]:
+        gamma = _const(norm.inputs[1]) if len(norm.inputs) > 1 else None
+        if gamma is None:
+            result.skipped.append((norm.name, "γ is not a constant"))
+            continue
+        if np.all(gamma == 1):
+            result.skipped.append((norm.name, "no scale left to fold (γ = 1)"))
+            continue
+        consumer, feed, path, positions, positive, why = _walk(norm)
+        if consumer is None:
+            result.skipped.append((norm.name, why))
+            continue
+        foldable = gamma > 0 if positive else np.ones_like(gamma, dtype=bool)
+        foldable &= gamma != 1
+        if not foldable.any():
+            result.skipped.append((norm.name, f"no channel has γ > 0 to pass {'/'.join(p for p in path if p in _POSITIVE_ONLY)}"))
+            continue
+        moved = np.where(foldable, gamma, 1).astype(gamma.dtype)
+        why_not = _scale_consumer(consumer, feed, moved, positions)
+        if why_not:
+            result.skipped.append((norm.name, why_not))
+            continue
+        norm.inputs[1] = gs.Constant(f"{norm.inputs[1].name}_residual", np.where(foldable, 1, gamma).astype(gamma.dtype))
+        through = f" through {', '.join(path)}" if path else ""
+        result.changed.append((norm.name, f"γ of {int(foldable.sum())}/{gamma.size} channels folded into {consumer.op} {consumer.name}{through}"))
+        kept = int((~foldable & (gamma != 1)).sum())
+        if kept:
+            result.skipped.append((norm.name, f"{kept} channel(s) with γ ≤ 0 keep their scale: it cannot pass {'/'.join(p for p in path if p in _POSITIVE_ONLY)}"))
+    return result
+
