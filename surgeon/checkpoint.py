@@ -96,7 +96,7 @@ def read_raw(path: str | Path, map_location: str = "cpu") -> Any:
             raise CheckpointError(
                 f"{p} contains pickled Python objects, which surgeon refuses to load (loading them could run code)"
             ) from None
-        raise CheckpointError(f"{p} is corrupt or not a torch checkpoint (it cannot be unpickled)") from None
+        raise CheckpointError(f"{p} is corrupt or not a torch checkpoint (torch.load cannot read it)") from None
     except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{p} is corrupt or not a torch checkpoint ({first})") from None

@@ -34,13 +34,15 @@ def _print_passes(passes: list[dict]) -> None:
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18-23).")
 @click.option("--calib", type=click.Path(file_okay=False), default=None,
               help="Folder of real images to verify on, besides random inputs.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16: fp16 weights and activations, GrowNorm in fp32, I/O stays fp32 (verified at 1e-2).")
 @click.option("--no-fold", is_flag=True, help="Skip fold-gamma and merge-parallel (keep the grown structure; cleanup still runs).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="Write the passes' report (every candidate, what was done or why not) and the checks as JSON.")
 @click.option("--trust-code", is_flag=True, help="Allow importing the user code the checkpoint was grown from.")
 @friendly_errors
-def export(grown: str, output: str | None, opset: int, calib: str | None, no_fold: bool, report: str | None,
-           trust_code: bool) -> None:
+def export(grown: str, output: str | None, opset: int, calib: str | None, precision: str, no_fold: bool,
+           report: str | None, trust_code: bool) -> None:
     """Export a grown checkpoint to ONNX: dynamic batch, inputs `images` → `logits`, class names and
     preprocessing in the metadata, each GrowNorm one `surgeon::GrowNorm` node backed by a local
     function (ONNX Runtime runs the file as is). The file is written only after ONNX Runtime matches
@@ -53,8 +55,9 @@ def export(grown: str, output: str | None, opset: int, calib: str | None, no_fol
     from surgeon.export.onnx_export import export_checkpoint
     from surgeon.fileio import atomic_write_text
 
-    result = export_checkpoint(grown, output, opset=opset, trust_code=trust_code, calib=calib, fold=not no_fold)
-    click.echo(f"wrote {result.path} ({result.grownorm_nodes} GrowNorm node(s), opset {opset})")
+    result = export_checkpoint(grown, output, opset=opset, trust_code=trust_code, calib=calib, fold=not no_fold,
+                               precision=precision)
+    click.echo(f"wrote {result.path} ({precision}, {result.grownorm_nodes} GrowNorm node(s), opset {opset})")
     _print_passes(result.passes)
     click.echo(f"  ops before passes: {_ops(result.ops_before)}")
     click.echo(f"  ops after passes:  {_ops(result.ops_after)}")

@@ -21,7 +21,7 @@ from surgeon import __version__
 from surgeon.checkpoint import Checkpoint, read_checkpoint
 from surgeon.errors import SurgeonError
 from surgeon.export import grownorm_op
-from surgeon.export.verify import Verification, verify_against_torch
+from surgeon.export.verify import FP32_TOLERANCE, Verification, verify_against_torch
 from surgeon.fileio import atomic_write
 from surgeon.grow.recipe import recipe_to_json
 
@@ -64,6 +64,7 @@ def metadata(ckpt: Checkpoint) -> dict[str, str]:
         "surgeon.base_weights": ckpt.weights,
         "surgeon.input": INPUT_NAME,
         "surgeon.output": OUTPUT_NAME,
+        "surgeon.precision": "fp32",
     }
 
 
@@ -108,14 +109,18 @@ def save_onnx(proto: onnx.ModelProto, path: str | Path) -> Path:
 
 
 def export_checkpoint(grown: str | Path, output: str | Path | None = None, *, opset: int = DEFAULT_OPSET,
-                      trust_code: bool = False, calib: str | None = None, tolerance: float = 1e-4,
-                      fold: bool = True) -> ExportResult:
+                      trust_code: bool = False, calib: str | None = None, tolerance: float | None = None,
+                      fold: bool = True, precision: str = "fp32") -> ExportResult:
     """Export ``grown.pt`` to ONNX, run the graph passes (``fold=False``: cleanup only), verify
     against PyTorch after export and after every pass that changed the graph, and write the result
-    (next to the checkpoint as ``model.onnx`` unless ``output`` is given)."""
+    (next to the checkpoint as ``model.onnx`` unless ``output`` is given). ``precision="fp16"``
+    converts the verified fp32 graph (GrowNorm stays fp32) and verifies it at the fp16 tolerance."""
+    from surgeon.export.fp16 import FP16_TOLERANCE, to_fp16
     from surgeon.export.passes import default_passes
     from surgeon.export.passes.base import summarize
 
+    if precision not in ("fp32", "fp16"):
+        raise SurgeonError(f"--precision must be fp32 or fp16, got {precision!r}")
     ckpt = read_checkpoint(grown)
     model = ckpt.build_model(trust_code=trust_code)
     out = Path(output) if output else Path(grown).with_name("model.onnx")
@@ -125,12 +130,18 @@ def export_checkpoint(grown: str | Path, output: str | Path | None = None, *, op
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
         raise SurgeonError(f"the exported model is not valid ONNX: {str(exc).splitlines()[0]}") from None
-    checks = verify_against_torch(proto, model, ckpt.preprocessing, stage="export", tolerance=tolerance, calib=calib)
+    fp32_tol = FP32_TOLERANCE if tolerance is None else tolerance
+    checks = verify_against_torch(proto, model, ckpt.preprocessing, stage="export", tolerance=fp32_tol, calib=calib)
     before = op_counts(proto)
 
     def after_pass(name: str, candidate: onnx.ModelProto) -> None:
-        checks.extend(verify_against_torch(candidate, model, ckpt.preprocessing, stage=name, tolerance=tolerance, calib=calib))
+        checks.extend(verify_against_torch(candidate, model, ckpt.preprocessing, stage=name, tolerance=fp32_tol, calib=calib))
 
     proto, results = default_passes(fold).run(proto, after_each=after_pass)
+    if precision == "fp16":
+        proto = to_fp16(proto)
+        set_metadata(proto, {"surgeon.precision": "fp16"})
+        checks.extend(verify_against_torch(proto, model, ckpt.preprocessing, stage="fp16", calib=calib,
+                                           tolerance=FP16_TOLERANCE if tolerance is None else tolerance))
     save_onnx(proto, out)
     return ExportResult(out, proto, checks, summarize(results), before, op_counts(proto))

@@ -219,3 +219,38 @@ def test_fold_keeps_negative_gamma_before_relu_and_says_so(tmp_path):
     fold = next(p for p in result.passes if p["pass"] == "fold-gamma")
     assert "69/72 channels" in fold["changed"][0]["done"]
     assert any("3 channel(s) with γ ≤ 0" in s["reason"] for s in fold["skipped"])
+
+
+def test_fp16_keeps_grownorm_in_fp32_and_io_in_fp32(tmp_path, wwa):
+    ckpt, _ = wwa
+    result = export_checkpoint(ckpt, tmp_path / "h.onnx", precision="fp16")
+    model = onnx.load(result.path)
+    f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    assert model.graph.input[0].type.tensor_type.elem_type == f32
+    assert model.graph.output[0].type.tensor_type.elem_type == f32
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for node in (n for n in model.graph.node if n.op_type == "GrowNorm"):
+        assert inits[node.input[1]] == f32                       # γ stays fp32
+        cast = producers[node.input[0]]
+        assert cast.op_type == "Cast" and cast.attribute[0].i == f32   # input cast up to fp32
+    weights = [t for name, t in inits.items() if "weight" in name]
+    assert weights and all(t == f16 for t in weights)
+    assert {p.key: p.value for p in model.metadata_props}["surgeon.precision"] == "fp16"
+    fp16_checks = [c for c in result.verifications if c.stage == "fp16"]
+    assert fp16_checks and all(c.rel_err < 1e-2 for c in fp16_checks)
+    assert max(c.rel_err for c in fp16_checks) > 1e-6  # really fp16 arithmetic, not a copy of fp32
+
+
+def test_verification_on_real_images(tmp_path, wwa):
+    from PIL import Image
+
+    ckpt, _ = wwa
+    folder = tmp_path / "imgs" / "x"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (40, 30), (60 * i, 100, 200 - 50 * i)).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    result = export_checkpoint(ckpt, tmp_path / "m.onnx", calib=str(tmp_path / "imgs"), fold=False)
+    real = [c for c in result.verifications if "images from" in c.inputs]
+    assert real and all(c.batch == 3 for c in real)

@@ -50,9 +50,10 @@ CASES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("arch, size, steps", CASES, ids=[f"{c[0]}-{c[2][0].kind}-{c[2][0].layer}" for c in CASES])
 @pytest.mark.parametrize("fold", [True, False], ids=["folded", "no-fold"])
-def test_exported_model_builds_with_tensorrt_rtx(tmp_path, arch, size, steps, fold):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_exported_model_builds_with_tensorrt_rtx(tmp_path, arch, size, steps, fold, precision):
     ckpt = _grown_checkpoint(tmp_path / "grown.pt", steps, arch=arch, size=size)
-    result = export_checkpoint(ckpt, tmp_path / "m.onnx", fold=fold)
+    result = export_checkpoint(ckpt, tmp_path / "m.onnx", fold=fold, precision=precision)
     assert any(n.op_type == "GrowNorm" for n in onnx.load(result.path).graph.node)
     plan = build_engine(result.path, size)
     assert len(plan) > 10_000

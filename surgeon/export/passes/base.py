@@ -101,6 +101,9 @@ def summarize(results: list[PassResult]) -> list[dict]:
         for candidate, why in r.skipped:
             if candidate not in earlier:
                 fresh.setdefault(candidate, []).append(why)
+        for candidate, _ in r.changed:  # changed now: earlier skips of it are stale
+            if candidate not in fresh:
+                entry["skips"].pop(candidate, None)
         entry["skips"].update(fresh)
     return [{"pass": e["pass"], "changed": e["changed"],
              "skipped": [{"candidate": c, "reason": why} for c, whys in e["skips"].items() for why in whys]}

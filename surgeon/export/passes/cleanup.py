@@ -22,9 +22,11 @@ def _bypass(graph: gs.Graph, node: gs.Node) -> bool:
 
 def cleanup(graph: gs.Graph) -> PassResult:
     result = PassResult("cleanup")
+    bypassed = 0
     for node in list(graph.nodes):
         if node.op in _NOOPS and (node.op != "Dropout" or len(node.outputs) == 1 or not node.outputs[1].outputs):
             if _bypass(graph, node):
+                bypassed += 1
                 result.changed.append((node.name, f"removed {node.op}"))
             else:
                 result.skipped.append((node.name, f"{node.op} produces a graph output"))
@@ -36,7 +38,8 @@ def cleanup(graph: gs.Graph) -> PassResult:
     folded = folded_from - {n.name for n in graph.nodes}
     if folded:
         result.changed.append(("constants", f"folded {len(folded)} constant node(s): {', '.join(sorted(folded)[:6])}{' ...' if len(folded) > 6 else ''}"))
-    if len(graph.nodes) < before and not folded:
-        result.changed.append(("dead nodes", f"removed {before - len(graph.nodes)} dead node(s)"))
+    dead = before - len(graph.nodes) - bypassed - len(folded)
+    if dead > 0:
+        result.changed.append(("dead nodes", f"removed {dead} dead node(s)"))
     graph.toposort()
     return result

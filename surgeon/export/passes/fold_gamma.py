@@ -41,13 +41,15 @@ def _reduce_mean_ok(node: gs.Node) -> bool:
     return axes is not None and all(int(a) >= 2 for a in np.atleast_1d(axes))
 
 
-def _walk(norm: gs.Node) -> tuple[gs.Node | None, gs.Tensor, list[str], int, bool, str]:
+def _walk(norm: gs.Node, graph: gs.Graph) -> tuple[gs.Node | None, gs.Tensor, list[str], int, bool, str]:
     """Follow GrowNorm's output to the consumer:
     (consumer, the tensor it reads, path ops, positions per channel, needs γ > 0, why not)."""
     cur = norm.outputs[0]
     path: list[str] = []
     positions, positive = 1, False
     while True:
+        if any(cur is t for t in graph.outputs):
+            return None, cur, path, positions, positive, "its output is a graph output"
         users = list(cur.outputs)
         if len(users) != 1:
             why = "its output is a graph output" if not users else f"its output has {len(users)} consumers ({', '.join(u.op for u in users)})"
@@ -86,6 +88,9 @@ def _scale_consumer(consumer: gs.Node, src: gs.Tensor, scale: np.ndarray, positi
     elif consumer.op == "MatMul":
         if weight.ndim != 2:
             return f"MatMul {consumer.name} has a {weight.ndim}-D weight"
+        if src.shape is None or len(src.shape) != 2:
+            rank = "unknown-rank" if src.shape is None else f"rank-{len(src.shape)}"
+            return f"MatMul {consumer.name} contracts the last axis of a {rank} input, not the channels"
         axis = 0
     else:
         if consumer.attrs.get("group", 1) != 1:
@@ -95,7 +100,8 @@ def _scale_consumer(consumer: gs.Node, src: gs.Tensor, scale: np.ndarray, positi
         return f"{consumer.op} {consumer.name} reads {weight.shape[axis]} inputs, not {cols.size}"
     shape = [1] * weight.ndim
     shape[axis] = -1
-    consumer.inputs[1] = gs.Constant(f"{consumer.inputs[1].name}_gamma_folded", (weight * cols.reshape(shape)).astype(weight.dtype))
+    # Named after the node: two consumers may share one weight tensor.
+    consumer.inputs[1] = gs.Constant(f"{consumer.name}_{consumer.inputs[1].name}_gamma_folded", (weight * cols.reshape(shape)).astype(weight.dtype))
     return None
 
 
@@ -109,7 +115,7 @@ def fold_gamma(graph: gs.Graph) -> PassResult:
         if np.all(gamma == 1):
             result.skipped.append((norm.name, "no scale left to fold (γ = 1)"))
             continue
-        consumer, feed, path, positions, positive, why = _walk(norm)
+        consumer, feed, path, positions, positive, why = _walk(norm, graph)
         if consumer is None:
             result.skipped.append((norm.name, why))
             continue
@@ -123,7 +129,7 @@ def fold_gamma(graph: gs.Graph) -> PassResult:
         if why_not:
             result.skipped.append((norm.name, why_not))
             continue
-        norm.inputs[1] = gs.Constant(f"{norm.inputs[1].name}_residual", np.where(foldable, 1, gamma).astype(gamma.dtype))
+        norm.inputs[1] = gs.Constant(f"{norm.name}_gamma_residual", np.where(foldable, 1, gamma).astype(gamma.dtype))
         through = f" through {', '.join(path)}" if path else ""
         result.changed.append((norm.name, f"γ of {int(foldable.sum())}/{gamma.size} channels folded into {consumer.op} {consumer.name}{through}"))
         kept = int((~foldable & (gamma != 1)).sum())

@@ -19,6 +19,10 @@ def _const(t: gs.Tensor) -> np.ndarray | None:
     return t.values if isinstance(t, gs.Constant) else None
 
 
+def _is_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(tensor is t for t in graph.outputs)
+
+
 def _out_axis(node: gs.Node) -> int:
     """The weight axis that indexes output channels."""
     if node.op == "Conv":
@@ -35,8 +39,10 @@ def _merge_linear(graph: gs.Graph, concat: gs.Node) -> str | None:
     first = producers[0]
     if any(p.op != first.op or p.inputs[0] is not first.inputs[0] or p.attrs != first.attrs for p in producers):
         return "branches differ in input, op or attributes"
-    if any(len(t.outputs) != 1 for t in concat.inputs):
-        return "a branch output has other consumers"
+    if any(len(t.outputs) != 1 or _is_output(graph, t) for t in concat.inputs):
+        return "a branch output has other consumers or is a graph output"
+    if first.op == "Conv" and first.attrs.get("group", 1) != 1:
+        return "grouped Conv branches"
     weights = [_const(p.inputs[1]) for p in producers]
     if any(w is None for w in weights):
         return "a branch weight is not a constant"
@@ -44,9 +50,15 @@ def _merge_linear(graph: gs.Graph, concat: gs.Node) -> str | None:
         return "Gemm output is not concatenated on features"
     if first.op == "Conv" and concat.attrs.get("axis") != 1:
         return "Conv outputs are not concatenated on channels"
-    if first.op == "MatMul" and (weights[0].ndim != 2 or concat.attrs.get("axis") not in (-1, 1)):
-        return "MatMul outputs are not concatenated on features"
+    if first.op == "MatMul":
+        out_shape = concat.outputs[0].shape
+        rank = len(out_shape) if out_shape is not None else None
+        if weights[0].ndim != 2 or rank is None or concat.attrs.get("axis") not in (-1, rank - 1):
+            return "MatMul outputs are not concatenated on features"
     axis = _out_axis(first)
+    rest = [w.shape[:axis] + w.shape[axis + 1:] for w in weights]
+    if any(r != rest[0] for r in rest):
+        return "branch weights differ in shape"
     weight = np.concatenate(weights, axis=axis)
     inputs = [first.inputs[0], gs.Constant(f"{first.name}_merged_weight", weight)]
     has_bias = [len(p.inputs) > 2 for p in producers]
@@ -54,9 +66,9 @@ def _merge_linear(graph: gs.Graph, concat: gs.Node) -> str | None:
         biases = []
         for p, w in zip(producers, weights):
             b = _const(p.inputs[2]) if len(p.inputs) > 2 else np.zeros(w.shape[axis], w.dtype)
-            if b is None or b.ndim != 1:
-                return "a branch bias is not a constant vector"
-            biases.append(b)
+            if b is None or b.size not in (1, w.shape[axis]) or (b.ndim == 2 and b.shape[0] != 1) or b.ndim > 2:
+                return "a branch bias is not a per-output constant"
+            biases.append(np.broadcast_to(b.reshape(-1), (w.shape[axis],)))  # Gemm biases may broadcast
         inputs.append(gs.Constant(f"{first.name}_merged_bias", np.concatenate(biases)))
     merged = gs.Node(first.op, f"{first.name}_merged", dict(first.attrs), inputs, list(concat.outputs))
     concat.outputs.clear()
@@ -73,7 +85,8 @@ def _merge_split_batchnorm(graph: gs.Graph, concat: gs.Node) -> str | None:
     slices = [b.inputs[0].inputs[0] if b.inputs[0].inputs else None for b in bns]
     if any(s is None or s.op != "Slice" for s in slices) or len({id(s.inputs[0]) for s in slices}) != 1:
         return "the BatchNorms do not read slices of one tensor"
-    if concat.attrs.get("axis") != 1 or any(len(b.outputs) != 1 or len(b.outputs[0].outputs) != 1 for b in bns):
+    if concat.attrs.get("axis") != 1 or any(len(b.outputs) != 1 or len(b.outputs[0].outputs) != 1
+                                            or _is_output(graph, b.outputs[0]) for b in bns):
         return "not a channel split"
     # The slices must tile the channels in order: starts 0, c0, c0+c1, ... on axis 1.
     pos = 0
@@ -83,9 +96,13 @@ def _merge_split_batchnorm(graph: gs.Graph, concat: gs.Node) -> str | None:
         steps = _const(s.inputs[4]) if len(s.inputs) > 4 else None
         if starts is None or ends is None or axes is None or list(np.atleast_1d(axes)) != [1] or (steps is not None and list(steps) != [1]):
             return "a slice is not a constant channel range"
-        if int(np.atleast_1d(starts)[0]) != pos:
+        size = _const(bns[slices.index(s)].inputs[1]).shape[0]
+        if int(np.atleast_1d(starts)[0]) != pos or min(int(np.atleast_1d(ends)[0]), 2**62) < pos + size:
             return "the slices do not tile the channels in order"
-        pos += _const(bns[slices.index(s)].inputs[1]).shape[0]
+        pos += size
+    src_shape = slices[0].inputs[0].shape
+    if not src_shape or len(src_shape) < 2 or src_shape[1] != pos:
+        return "the slices do not cover all channels"
     if len({b.attrs.get("epsilon", 1e-5) for b in bns}) != 1:
         return "the BatchNorms have different epsilons"
     params = [np.concatenate([_const(b.inputs[i]) for b in bns]) for i in range(1, 5)]
