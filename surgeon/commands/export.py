@@ -34,6 +34,8 @@ def _print_passes(passes: list[dict]) -> None:
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18-23).")
 @click.option("--calib", type=click.Path(file_okay=False), default=None,
               help="Folder of real images to verify on, besides random inputs.")
+@click.option("--batch", "batch_range", default="1:8:64", show_default=True,
+              help="MIN:OPT:MAX batch sizes to serve (recorded for engine builds; verified at MIN and up to 5).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16: fp16 weights and activations, GrowNorm in fp32, I/O stays fp32 (verified at 1e-2).")
 @click.option("--no-fold", is_flag=True, help="Skip fold-gamma and merge-parallel (keep the grown structure; cleanup still runs).")
@@ -41,8 +43,8 @@ def _print_passes(passes: list[dict]) -> None:
               help="Write the passes' report (every candidate, what was done or why not) and the checks as JSON.")
 @click.option("--trust-code", is_flag=True, help="Allow importing the user code the checkpoint was grown from.")
 @friendly_errors
-def export(grown: str, output: str | None, opset: int, calib: str | None, precision: str, no_fold: bool,
-           report: str | None, trust_code: bool) -> None:
+def export(grown: str, output: str | None, opset: int, calib: str | None, batch_range: str, precision: str,
+           no_fold: bool, report: str | None, trust_code: bool) -> None:
     """Export a grown checkpoint to ONNX: dynamic batch, inputs `images` → `logits`, class names and
     preprocessing in the metadata, each GrowNorm one `surgeon::GrowNorm` node backed by a local
     function (ONNX Runtime runs the file as is). The file is written only after ONNX Runtime matches
@@ -52,11 +54,11 @@ def export(grown: str, output: str | None, opset: int, calib: str | None, precis
     Example:
       surgeon export runs/wide/grown.pt -o runs/wide/model.onnx --calib ~/data/flowers/val
     """
-    from surgeon.export.onnx_export import export_checkpoint
+    from surgeon.export.onnx_export import BatchRange, export_checkpoint
     from surgeon.fileio import atomic_write_text
 
     result = export_checkpoint(grown, output, opset=opset, trust_code=trust_code, calib=calib, fold=not no_fold,
-                               precision=precision)
+                               precision=precision, batch=BatchRange.parse(batch_range))
     click.echo(f"wrote {result.path} ({precision}, {result.grownorm_nodes} GrowNorm node(s), opset {opset})")
     _print_passes(result.passes)
     click.echo(f"  ops before passes: {_ops(result.ops_before)}")
@@ -73,10 +75,11 @@ def export(grown: str, output: str | None, opset: int, calib: str | None, precis
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--against", "grown", required=True, type=click.Path(dir_okay=False), help="The grown.pt it was exported from.")
 @click.option("--data", "calib", type=click.Path(file_okay=False), default=None, help="Folder of real images to compare on.")
-@click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Relative to the logits' scale.")
+@click.option("--tolerance", type=float, default=None,
+              help="Relative to the logits' scale [default: 1e-4, or 1e-2 for an fp16 file].")
 @click.option("--trust-code", is_flag=True, help="Allow importing the user code the checkpoint was grown from.")
 @friendly_errors
-def verify(model: str, grown: str, calib: str | None, tolerance: float, trust_code: bool) -> None:
+def verify(model: str, grown: str, calib: str | None, tolerance: float | None, trust_code: bool) -> None:
     """Check an ONNX file against the PyTorch checkpoint it came from, with ONNX Runtime (CPU).
 
     \b
@@ -84,12 +87,18 @@ def verify(model: str, grown: str, calib: str | None, tolerance: float, trust_co
       surgeon verify runs/wide/model.onnx --against runs/wide/grown.pt --data ~/data/flowers/val
     """
     from surgeon.checkpoint import read_checkpoint
+    from surgeon.export.fp16 import FP16_TOLERANCE
+    from surgeon.export.onnx_export import BatchRange
     from surgeon.export.onnx_io import load_onnx
-    from surgeon.export.verify import verify_against_torch
+    from surgeon.export.verify import FP32_TOLERANCE, verify_against_torch
 
     proto = load_onnx(model)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if tolerance is None:
+        tolerance = FP16_TOLERANCE if meta.get("surgeon.precision") == "fp16" else FP32_TOLERANCE
+    batch = BatchRange.parse(meta["surgeon.batch"]) if "surgeon.batch" in meta else BatchRange()
     ckpt = read_checkpoint(grown)
-    checks = verify_against_torch(proto, ckpt.build_model(trust_code=trust_code), ckpt.preprocessing,
-                                  stage="verify", tolerance=tolerance, calib=calib)
+    checks = verify_against_torch(proto, ckpt.build_model(trust_code=trust_code), ckpt.preprocessing, stage="verify",
+                                  tolerance=tolerance, calib=calib, batches=batch.verify_batches(), max_batch=batch.max)
     _print_checks(checks)
     click.echo(f"{model} matches {grown}")

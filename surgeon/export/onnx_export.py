@@ -31,6 +31,31 @@ MIN_OPSET, MAX_OPSET = 18, 23
 DEFAULT_OPSET = 18
 
 
+@dataclass(frozen=True)
+class BatchRange:
+    """``--batch MIN:OPT:MAX``: the batch sizes the model must serve (an engine's optimization profile)."""
+
+    min: int = 1
+    opt: int = 8
+    max: int = 64
+
+    @classmethod
+    def parse(cls, text: str) -> "BatchRange":
+        try:
+            lo, opt, hi = (int(v) for v in text.split(":"))
+        except ValueError:
+            raise SurgeonError(f"--batch must be MIN:OPT:MAX (three integers, e.g. 1:8:32), got {text!r}") from None
+        if not 1 <= lo <= opt <= hi:
+            raise SurgeonError(f"--batch needs 1 <= MIN <= OPT <= MAX, got {text!r}")
+        return cls(lo, opt, hi)
+
+    def __str__(self) -> str:
+        return f"{self.min}:{self.opt}:{self.max}"
+
+    def verify_batches(self) -> tuple[int, ...]:
+        return tuple(sorted({self.min, min(self.max, max(self.min, 5))}))
+
+
 @dataclass
 class ExportResult:
     path: Path | None
@@ -68,12 +93,13 @@ def metadata(ckpt: Checkpoint) -> dict[str, str]:
     }
 
 
-def to_onnx(model: nn.Module, input_size: int, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+def to_onnx(model: nn.Module, input_size: int, opset: int = DEFAULT_OPSET, batch: BatchRange = BatchRange()) -> onnx.ModelProto:
     """Export an eval-mode model with GrowNorm as ``surgeon::GrowNorm`` nodes plus the local function."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise SurgeonError(f"--opset {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET}")
     model = model.eval()
-    example = torch.randn(2, 3, input_size, input_size)
+    # torch.export specializes a dimension of size 1, so the example batch is at least 2.
+    example = torch.randn(max(2, min(batch.opt, 4)), 3, input_size, input_size)
     quiet = io.StringIO()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), grownorm_op.registered_schema():
@@ -81,7 +107,7 @@ def to_onnx(model: nn.Module, input_size: int, opset: int = DEFAULT_OPSET) -> on
             program = torch.onnx.export(
                 model, (example,), dynamo=True, verbose=False, opset_version=opset,
                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=max(batch.max, 2))},),
                 custom_translation_table={torch.ops.surgeon.grow_norm.default: grownorm_op.onnx_translation},
             )
     except Exception as exc:
@@ -110,7 +136,7 @@ def save_onnx(proto: onnx.ModelProto, path: str | Path) -> Path:
 
 def export_checkpoint(grown: str | Path, output: str | Path | None = None, *, opset: int = DEFAULT_OPSET,
                       trust_code: bool = False, calib: str | None = None, tolerance: float | None = None,
-                      fold: bool = True, precision: str = "fp32") -> ExportResult:
+                      fold: bool = True, precision: str = "fp32", batch: BatchRange = BatchRange()) -> ExportResult:
     """Export ``grown.pt`` to ONNX, run the graph passes (``fold=False``: cleanup only), verify
     against PyTorch after export and after every pass that changed the graph, and write the result
     (next to the checkpoint as ``model.onnx`` unless ``output`` is given). ``precision="fp16"``
@@ -124,24 +150,25 @@ def export_checkpoint(grown: str | Path, output: str | Path | None = None, *, op
     ckpt = read_checkpoint(grown)
     model = ckpt.build_model(trust_code=trust_code)
     out = Path(output) if output else Path(grown).with_name("model.onnx")
-    proto = to_onnx(model, ckpt.preprocessing.input_size, opset)
-    set_metadata(proto, metadata(ckpt))
+    proto = to_onnx(model, ckpt.preprocessing.input_size, opset, batch)
+    set_metadata(proto, {**metadata(ckpt), "surgeon.batch": str(batch)})
+    sizes = {"batches": batch.verify_batches(), "max_batch": batch.max}
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
         raise SurgeonError(f"the exported model is not valid ONNX: {str(exc).splitlines()[0]}") from None
     fp32_tol = FP32_TOLERANCE if tolerance is None else tolerance
-    checks = verify_against_torch(proto, model, ckpt.preprocessing, stage="export", tolerance=fp32_tol, calib=calib)
+    checks = verify_against_torch(proto, model, ckpt.preprocessing, stage="export", tolerance=fp32_tol, calib=calib, **sizes)
     before = op_counts(proto)
 
     def after_pass(name: str, candidate: onnx.ModelProto) -> None:
-        checks.extend(verify_against_torch(candidate, model, ckpt.preprocessing, stage=name, tolerance=fp32_tol, calib=calib))
+        checks.extend(verify_against_torch(candidate, model, ckpt.preprocessing, stage=name, tolerance=fp32_tol, calib=calib, **sizes))
 
     proto, results = default_passes(fold).run(proto, after_each=after_pass)
     if precision == "fp16":
         proto = to_fp16(proto)
         set_metadata(proto, {"surgeon.precision": "fp16"})
-        checks.extend(verify_against_torch(proto, model, ckpt.preprocessing, stage="fp16", calib=calib,
+        checks.extend(verify_against_torch(proto, model, ckpt.preprocessing, stage="fp16", calib=calib, **sizes,
                                            tolerance=FP16_TOLERANCE if tolerance is None else tolerance))
     save_onnx(proto, out)
     return ExportResult(out, proto, checks, summarize(results), before, op_counts(proto))

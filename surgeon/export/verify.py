@@ -61,12 +61,17 @@ def _real_images(calib: str, pre: Preprocessing, limit: int = 32) -> torch.Tenso
     return torch.stack([transform(open_image(f)) for f in files])
 
 
-def input_sets(pre: Preprocessing, calib: str | None, seed: int = 0) -> list[tuple[str, torch.Tensor]]:
+def input_sets(pre: Preprocessing, calib: str | None, batches: tuple[int, ...] = (1, 5), seed: int = 0,
+               max_batch: int | None = None) -> list[tuple[str, torch.Tensor]]:
+    """Random inputs at each batch size (two sizes also exercise the dynamic batch dimension) and,
+    with ``calib``, real images in chunks of at most ``max_batch``."""
     g = torch.Generator().manual_seed(seed)
     size = pre.input_size
-    sets = [("random", torch.randn(1, 3, size, size, generator=g)), ("random", torch.randn(5, 3, size, size, generator=g))]
+    sets = [("random", torch.randn(b, 3, size, size, generator=g)) for b in batches]
     if calib:
-        sets.append((f"images from {calib}", _real_images(calib, pre)))
+        images = _real_images(calib, pre)
+        step = max_batch or len(images)
+        sets += [(f"images from {calib}", images[i:i + step]) for i in range(0, len(images), step)]
     return sets
 
 
@@ -79,13 +84,14 @@ def compare(reference: np.ndarray, actual: np.ndarray) -> tuple[float, float]:
 
 
 def verify_against_torch(proto: onnx.ModelProto, model: nn.Module, pre: Preprocessing, *, stage: str,
-                         tolerance: float = FP32_TOLERANCE, calib: str | None = None) -> list[Verification]:
+                         tolerance: float = FP32_TOLERANCE, calib: str | None = None,
+                         batches: tuple[int, ...] = (1, 5), max_batch: int | None = None) -> list[Verification]:
     """Raise SurgeonError (naming ``stage``) unless ONNX Runtime matches PyTorch within ``tolerance``."""
     session = ort_session(proto)
     name = session.get_inputs()[0].name
     model = model.eval()
     results = []
-    for what, x in input_sets(pre, calib):
+    for what, x in input_sets(pre, calib, batches, max_batch=max_batch):
         with torch.no_grad():
             reference = model(x).float().numpy()
         actual = session.run(None, {name: x.numpy()})[0]

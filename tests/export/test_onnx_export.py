@@ -254,3 +254,20 @@ def test_verification_on_real_images(tmp_path, wwa):
     result = export_checkpoint(ckpt, tmp_path / "m.onnx", calib=str(tmp_path / "imgs"), fold=False)
     real = [c for c in result.verifications if "images from" in c.inputs]
     assert real and all(c.batch == 3 for c in real)
+
+
+def test_batch_range_is_recorded_and_respected(tmp_path, wwa):
+    ckpt, _ = wwa
+    out = tmp_path / "m.onnx"
+    res = CliRunner().invoke(cli, ["export", str(ckpt), "-o", str(out), "--batch", "2:4:8", "--precision", "fp16"])
+    assert res.exit_code == 0, res.output
+    model = onnx.load(out)
+    assert {p.key: p.value for p in model.metadata_props}["surgeon.batch"] == "2:4:8"
+    assert "batch   2" in res.output and "batch   5" in res.output and "batch   1 " not in res.output
+    res = CliRunner().invoke(cli, ["verify", str(out), "--against", str(ckpt)])  # fp16 file: fp16 tolerance
+    assert res.exit_code == 0, res.output
+    assert "tolerance 1e-02" in res.output
+    for bad in ("8:4:2", "0:1:2", "a:b", "1:2"):
+        res = CliRunner().invoke(cli, ["export", str(ckpt), "-o", str(tmp_path / "x.onnx"), "--batch", bad])
+        assert res.exit_code == 1 and "--batch" in res.output
+    assert not (tmp_path / "x.onnx").exists()

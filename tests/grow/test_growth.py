@@ -11,7 +11,6 @@ import torch
 from torch import fx, nn
 
 from surgeon.grow.analysis import find_site, propagate_shapes, trace
-from surgeon.grow.grownorm import GrowNorm
 from surgeon.grow.modules import ExtendedConv2d, ExtendedLinear, SplitBatchNorm, Widened, in_channels, out_channels
 from surgeon.grow.ops import GrowthState, apply_steps
 from surgeon.grow.recipe import GrowStep, HeadStep

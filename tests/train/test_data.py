@@ -16,7 +16,6 @@ from sklearn.datasets import load_digits
 
 from surgeon.errors import DataError
 from surgeon.preprocessing import Preprocessing
-from surgeon.train import data as D
 from surgeon.train.data import builtin_names, eval_transform, load_data, open_image, train_transform
 
 PRE = Preprocessing(input_size=32, resize=36)

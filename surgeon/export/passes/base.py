@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
+
+# The passes report what they do; onnx-graphsurgeon's own warnings (colors, folding sizes) are noise here.
+G_LOGGER.severity = G_LOGGER.ERROR
 
 
 @dataclass

@@ -1,0 +1,110 @@
+"""ONNX Runtime (CPU) latency of exported grown models, A/B interleaved in one process.
+
+For each case three files come from the same grown checkpoint pipeline:
+  folded   — grown with GrowNorm, exported with all passes (what `surgeon export` writes);
+  unfolded — the same model exported with `--no-fold` (cleanup only);
+  plain    — the same widths grown *without* GrowNorm, exported with all passes: an ordinary
+             network of the grown widths, the cost floor.
+Reported: folded ÷ plain (target ≤ 1.03) and unfolded ÷ folded, at batch 1 and 32.
+
+    python benchmarks/onnx_latency.py [--rounds 15] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from surgeon.checkpoint import Checkpoint, save_checkpoint
+from surgeon.export.onnx_export import export_checkpoint
+from surgeon.grow.analysis import trace
+from surgeon.grow.grownorm import GrowNorm
+from surgeon.grow.ops import GrowthState, apply_steps
+from surgeon.grow.recipe import GrowStep, HeadStep
+from surgeon.preprocessing import Preprocessing
+from surgeon.zoo import build_architecture
+
+CASES = [
+    ("resnet18 layer4.1.conv1 +64 (conv-level)", "torchvision:resnet18", "layer4.1.conv1", 64),
+    ("vgg11 classifier.3 +1024 (fc-level)", "torchvision:vgg11", "classifier.3", 1024),
+]
+
+
+def checkpoint(path: Path, arch: str, layer: str, units: int, norm: bool) -> Path:
+    torch.manual_seed(0)
+    gm = trace(build_architecture(arch))
+    steps = [HeadStep(100), GrowStep("wide", layer, units, norm=norm, gamma_init=10.0)]
+    apply_steps(gm, steps, GrowthState(224))
+    with torch.no_grad():
+        for m in gm.modules():
+            if isinstance(m, GrowNorm):
+                m.gamma.uniform_(5.0, 15.0)
+    save_checkpoint(path, Checkpoint(arch, "none", steps, [str(i) for i in range(100)], Preprocessing(), gm.state_dict()))
+    return path
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def timed(sess: ort.InferenceSession, x: np.ndarray, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        sess.run(None, {"images": x})
+    return (time.perf_counter() - t0) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        for label, arch, layer, units in CASES:
+            grown = checkpoint(d / "grown.pt", arch, layer, units, norm=True)
+            plain = checkpoint(d / "plain.pt", arch, layer, units, norm=False)
+            files = {
+                "folded": export_checkpoint(grown, d / "folded.onnx").path,
+                "unfolded": export_checkpoint(grown, d / "unfolded.onnx", fold=False).path,
+                "plain": export_checkpoint(plain, d / "plain.onnx").path,
+            }
+            sessions = {k: session(p, args.threads) for k, p in files.items()}
+            for batch in args.batches:
+                x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
+                reps = max(1, 16 // batch)
+                for s in sessions.values():
+                    timed(s, x, 2)
+                times: dict[str, list[float]] = {k: [] for k in sessions}
+                for r in range(args.rounds):
+                    order = list(sessions) if r % 2 == 0 else list(sessions)[::-1]
+                    for k in order:
+                        times[k].append(timed(sessions[k], x, reps))
+                med = {k: statistics.median(v) for k, v in times.items()}
+                row = {"case": label, "batch": batch, **{f"{k}_ms": 1e3 * v for k, v in med.items()},
+                       "folded_over_plain": med["folded"] / med["plain"],
+                       "unfolded_over_folded": med["unfolded"] / med["folded"]}
+                rows.append(row)
+                print(f"{label:<42} batch {batch:>2}: folded {1e3 * med['folded']:8.2f} ms  plain {1e3 * med['plain']:8.2f} ms  "
+                      f"unfolded {1e3 * med['unfolded']:8.2f} ms   folded/plain {row['folded_over_plain']:.3f}  "
+                      f"unfolded/folded {row['unfolded_over_folded']:.3f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"threads": args.threads, "ort": ort.__version__, "results": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
