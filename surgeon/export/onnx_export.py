@@ -20,9 +20,8 @@ from torch import nn
 from surgeon import __version__
 from surgeon.checkpoint import Checkpoint, read_checkpoint
 from surgeon.errors import SurgeonError
-from surgeon.export import grownorm_op
+from surgeon.export import grownorm_op, large
 from surgeon.export.verify import FP32_TOLERANCE, Verification, verify_against_torch
-from surgeon.fileio import atomic_write
 from surgeon.grow.recipe import recipe_to_json
 
 INPUT_NAME = "images"
@@ -131,7 +130,8 @@ def set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
 
 
 def save_onnx(proto: onnx.ModelProto, path: str | Path) -> Path:
-    return atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+    """Atomic write; models over 2 GB keep their tensors in ``<path>.data``."""
+    return large.save(proto, path)[0]
 
 
 def export_checkpoint(grown: str | Path, output: str | Path | None = None, *, opset: int = DEFAULT_OPSET,
@@ -154,7 +154,7 @@ def export_checkpoint(grown: str | Path, output: str | Path | None = None, *, op
     set_metadata(proto, {**metadata(ckpt), "surgeon.batch": str(batch)})
     sizes = {"batches": batch.verify_batches(), "max_batch": batch.max}
     try:
-        onnx.checker.check_model(proto)
+        large.check(proto)
     except onnx.checker.ValidationError as exc:
         raise SurgeonError(f"the exported model is not valid ONNX: {str(exc).splitlines()[0]}") from None
     fp32_tol = FP32_TOLERANCE if tolerance is None else tolerance

@@ -36,14 +36,21 @@ class Verification:
 
 
 def ort_session(proto: onnx.ModelProto):
+    import tempfile
+
     import onnxruntime as ort
+
+    from surgeon.export.large import session_source
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise SurgeonError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from None
+    with tempfile.TemporaryDirectory(prefix="surgeon-verify-") as tmp:  # only used by models over 2 GB
+        try:
+            return ort.InferenceSession(session_source(proto, Path(tmp)), opts, providers=["CPUExecutionProvider"])
+        except SurgeonError:
+            raise
+        except Exception as exc:
+            raise SurgeonError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from None
 
 
 def _real_images(calib: str, pre: Preprocessing, limit: int = 32) -> torch.Tensor:

@@ -29,8 +29,10 @@ GraphPass = Callable[[gs.Graph], PassResult]
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
     """gs.Graph with inferred shapes (passes read spatial sizes from them)."""
+    from surgeon.export.large import infer_shapes
+
     try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        model = infer_shapes(model)
     except Exception:
         pass  # shapes help the passes; without them a pass skips what it cannot prove
     return gs.import_onnx(model)
