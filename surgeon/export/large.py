@@ -52,12 +52,13 @@ def _elements(init: onnx.TensorProto) -> int:
 
 
 def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``onnx.shape_inference`` for any size: large models get their value_info from the weightless copy."""
-    if not is_large(proto):
-        return onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    """``onnx.shape_inference`` for any size, in place: the value_info comes from the weightless
+    copy, so no tensor is copied (onnx's own inference serializes the whole model)."""
     inferred = onnx.shape_inference.infer_shapes(weightless(proto), data_prop=True)
     del proto.graph.value_info[:]
     proto.graph.value_info.extend(inferred.graph.value_info)
+    for declared, found in zip(proto.graph.output, inferred.graph.output):  # inference fills output types too
+        declared.CopyFrom(found)
     return proto
 
 

@@ -253,14 +253,14 @@ def finetune(config: FinetuneConfig, *, resume: str | Path | None = None, progre
         for epoch in range(start, config.epochs):
             t0 = time.perf_counter()
             train_loader = _loader(prepared.data.train, config, shuffle=True, epoch=epoch, d=d, device=device)
-            lrs = [g["lr"] for g in optimizer.param_groups]
+            lr = config.lr * config.lr_gamma ** (epoch // config.step_size)  # StepLR's rate for this epoch
             train_loss, train_acc = train_one_epoch(train_model, train_loader, optimizer, scaler, device, config,
                                                     epoch, d, progress)
             scheduler.step()
             dist_utils.sync_buffers(model, d)
             val_loss, val_acc = evaluate(model, val_loader, device, config, d)
             row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-                   "val_acc": val_acc, "lr": lrs[0], "lr_new": lrs[-1], "time_s": time.perf_counter() - t0,
+                   "val_acc": val_acc, "lr": lr, "lr_new": lr * config.lr_new_mult, "time_s": time.perf_counter() - t0,
                    "gamma": gamma_stats(model)}
             history.append(row)
             if d.main:
