@@ -21,7 +21,7 @@ from surgeon import __version__
 from surgeon.checkpoint import Checkpoint, read_checkpoint
 from surgeon.errors import SurgeonError
 from surgeon.export import grownorm_op, large
-from surgeon.export.verify import FP32_TOLERANCE, Verification, verify_against_torch
+from surgeon.export.verify import FP32_TOLERANCE, Verification, torch_reference, verify
 from surgeon.grow.recipe import recipe_to_json
 
 INPUT_NAME = "images"
@@ -152,23 +152,23 @@ def export_checkpoint(grown: str | Path, output: str | Path | None = None, *, op
     out = Path(output) if output else Path(grown).with_name("model.onnx")
     proto = to_onnx(model, ckpt.preprocessing.input_size, opset, batch)
     set_metadata(proto, {**metadata(ckpt), "surgeon.batch": str(batch)})
-    sizes = {"batches": batch.verify_batches(), "max_batch": batch.max}
+    reference = torch_reference(model, ckpt.preprocessing, calib=calib, batches=batch.verify_batches(),
+                                max_batch=batch.max)
     try:
         large.check(proto)
     except onnx.checker.ValidationError as exc:
         raise SurgeonError(f"the exported model is not valid ONNX: {str(exc).splitlines()[0]}") from None
     fp32_tol = FP32_TOLERANCE if tolerance is None else tolerance
-    checks = verify_against_torch(proto, model, ckpt.preprocessing, stage="export", tolerance=fp32_tol, calib=calib, **sizes)
+    checks = verify(proto, reference, stage="export", tolerance=fp32_tol)
     before = op_counts(proto)
 
     def after_pass(name: str, candidate: onnx.ModelProto) -> None:
-        checks.extend(verify_against_torch(candidate, model, ckpt.preprocessing, stage=name, tolerance=fp32_tol, calib=calib, **sizes))
+        checks.extend(verify(candidate, reference, stage=name, tolerance=fp32_tol))
 
     proto, results = default_passes(fold).run(proto, after_each=after_pass)
     if precision == "fp16":
         proto = to_fp16(proto)
         set_metadata(proto, {"surgeon.precision": "fp16"})
-        checks.extend(verify_against_torch(proto, model, ckpt.preprocessing, stage="fp16", calib=calib, **sizes,
-                                           tolerance=FP16_TOLERANCE if tolerance is None else tolerance))
+        checks.extend(verify(proto, reference, stage="fp16", tolerance=FP16_TOLERANCE if tolerance is None else tolerance))
     save_onnx(proto, out)
     return ExportResult(out, proto, checks, summarize(results), before, op_counts(proto))

@@ -90,19 +90,31 @@ def compare(reference: np.ndarray, actual: np.ndarray) -> tuple[float, float]:
     return err, err / scale
 
 
-def verify_against_torch(proto: onnx.ModelProto, model: nn.Module, pre: Preprocessing, *, stage: str,
-                         tolerance: float = FP32_TOLERANCE, calib: str | None = None,
-                         batches: tuple[int, ...] = (1, 5), max_batch: int | None = None) -> list[Verification]:
-    """Raise SurgeonError (naming ``stage``) unless ONNX Runtime matches PyTorch within ``tolerance``."""
-    session = ort_session(proto)
-    name = session.get_inputs()[0].name
+@dataclass
+class Reference:
+    """PyTorch's outputs on the verification inputs, computed once and compared at every stage."""
+
+    cases: list[tuple[str, np.ndarray, np.ndarray]]   # (what, input, expected logits)
+
+
+def torch_reference(model: nn.Module, pre: Preprocessing, *, calib: str | None = None,
+                    batches: tuple[int, ...] = (1, 5), max_batch: int | None = None) -> Reference:
     model = model.eval()
-    results = []
+    cases = []
     for what, x in input_sets(pre, calib, batches, max_batch=max_batch):
         with torch.no_grad():
-            reference = model(x).float().numpy()
-        actual = session.run(None, {name: x.numpy()})[0]
-        err, rel = compare(reference, actual)
+            cases.append((what, x.numpy(), model(x).float().numpy()))
+    return Reference(cases)
+
+
+def verify(proto: onnx.ModelProto, reference: Reference, *, stage: str,
+           tolerance: float = FP32_TOLERANCE) -> list[Verification]:
+    """Raise SurgeonError (naming ``stage``) unless ONNX Runtime matches the reference within ``tolerance``."""
+    session = ort_session(proto)
+    name = session.get_inputs()[0].name
+    results = []
+    for what, x, expected in reference.cases:
+        err, rel = compare(expected, session.run(None, {name: x})[0])
         check = Verification(stage, what, len(x), err, rel, tolerance)
         results.append(check)
         if not check.ok:
@@ -111,3 +123,11 @@ def verify_against_torch(proto: onnx.ModelProto, model: nn.Module, pre: Preproce
                 f"(batch {len(x)}; tolerance {tolerance:.0e}); the model was not written"
             )
     return results
+
+
+def verify_against_torch(proto: onnx.ModelProto, model: nn.Module, pre: Preprocessing, *, stage: str,
+                         tolerance: float = FP32_TOLERANCE, calib: str | None = None,
+                         batches: tuple[int, ...] = (1, 5), max_batch: int | None = None) -> list[Verification]:
+    """:func:`torch_reference` + :func:`verify` in one call."""
+    reference = torch_reference(model, pre, calib=calib, batches=batches, max_batch=max_batch)
+    return verify(proto, reference, stage=stage, tolerance=tolerance)
