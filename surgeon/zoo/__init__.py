@@ -26,6 +26,8 @@ from surgeon.grow.recipe import Step
 from surgeon.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 BUILTIN_ARCHS = ("digitnet",)
+# --weights DEFAULT for a built-in architecture: the checkpoint shipped in models/ (source checkouts).
+SHIPPED_WEIGHTS = {"digitnet": Path(__file__).resolve().parents[2] / "models" / "digitnet.pt"}
 DIGITS_PREPROCESSING = Preprocessing(input_size=32, resize=32, mean=(0.25, 0.25, 0.25), std=(0.35, 0.35, 0.35))
 
 
@@ -37,7 +39,6 @@ class BaseModel:
     model: str                      # the --model spec that rebuilds the architecture
     weights: str                    # where the weights came from (recorded, never re-fetched)
     preprocessing: Preprocessing
-    classes: list[str] | None = None
 
 
 def is_user_code(spec: str) -> bool:
@@ -173,22 +174,25 @@ def load_base(spec: str, weights: str = "DEFAULT", input_size: int | None = None
             enum_name = "DEFAULT" if w_lower == "default" else weights
             module = _torchvision(name, enum_name)
             pre = _torchvision_preprocessing(name, enum_name)
-        classes = None
     elif spec.startswith("surgeon:"):
-        module = _surgeon_arch(spec.split(":", 1)[1])
+        arch = spec.split(":", 1)[1]
+        module = _surgeon_arch(arch)
         pre = DIGITS_PREPROCESSING
-        classes = None
+        if w_lower == "default":  # the weights shipped in models/ (pretrained on digits 0-4)
+            shipped = SHIPPED_WEIGHTS.get(arch)
+            if shipped is None or not shipped.exists():
+                raise SurgeonError(f"no pretrained weights are shipped for {spec} here; pass --weights none or a file")
+            weights, path_like = str(shipped), True
         if path_like:
             _load_weights(module, weights, spec)
-        elif w_lower not in ("none", "default"):
-            raise SurgeonError(f"--weights for {spec} is a file or none, got {weights!r}")
+        elif w_lower != "none":
+            raise SurgeonError(f"--weights for {spec} is DEFAULT, none or a file, got {weights!r}")
     else:
         factory = _user_factory(spec)
         module = factory()
         if not isinstance(module, nn.Module):
             raise SurgeonError(f"{spec} returned a {type(module).__name__}, not a torch.nn.Module")
         pre = Preprocessing()
-        classes = None
         if path_like:
             _load_weights(module, weights, spec)
         elif w_lower not in ("none", "default"):
@@ -196,8 +200,8 @@ def load_base(spec: str, weights: str = "DEFAULT", input_size: int | None = None
     if input_size:
         pre = Preprocessing(input_size=input_size, resize=max(input_size, round(input_size / 0.875)) if pre.resize != pre.input_size else input_size,
                             mean=pre.mean, std=pre.std)
-    source = weights if path_like else w_lower if w_lower in ("none", "default") else weights
-    return BaseModel(module=module, model=spec, weights=str(source), preprocessing=pre, classes=classes)
+    source = w_lower if w_lower in ("none", "default") and not path_like else weights
+    return BaseModel(module=module, model=spec, weights=str(source), preprocessing=pre)
 
 
 

@@ -141,8 +141,8 @@ def test_not_a_state_dict_and_missing_file(tmp_path):
                                         blank=[tmp_path / "nope.pth"])
 
 
-def test_surgeon_arch_weights_must_be_file_or_none():
-    assert "file or none" in error_of(load_base, "surgeon:digitnet", "IMAGENET1K_V1")
+def test_surgeon_arch_weights_must_be_default_file_or_none():
+    assert "DEFAULT, none or a file" in error_of(load_base, "surgeon:digitnet", "IMAGENET1K_V1")
     assert "unknown surgeon architecture" in error_of(load_base, "surgeon:bignet", "none")
     assert load_base("surgeon:digitnet", "none").weights == "none"
 
@@ -169,3 +169,15 @@ def test_user_factory(tmp_path):
 def test_build_architecture_refuses_user_code_without_trust():
     msg = error_of(build_architecture, "os:system", trust_code=False)
     assert "--trust-code" in msg
+
+
+def test_builtin_default_weights_are_the_shipped_checkpoint(digitnet_path):
+    from surgeon.zoo import load_base
+
+    base = load_base("surgeon:digitnet", "DEFAULT")
+    shipped = torch.load(digitnet_path, weights_only=True)["state_dict"]
+    got = base.module.state_dict()
+    assert base.weights == str(digitnet_path)
+    assert got.keys() == shipped.keys() and all(torch.equal(got[k], shipped[k]) for k in got)
+    assert load_base("surgeon:digitnet", "none").weights == "none"
+    assert load_base("torchvision:resnet18", "none").weights == "none"
