@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from surgeon.export.passes.base import PassResult
@@ -20,6 +21,25 @@ def _bypass(graph: gs.Graph, node: gs.Node) -> bool:
     return True
 
 
+def _fold_constant_concats(graph: gs.Graph) -> list[str]:
+    """Concat of constants (a grown consumer's old and new weight columns) folded with numpy: one
+    copy, where onnx-graphsurgeon's general folding would serialize the tensors through ONNX Runtime."""
+    folded = []
+    for node in list(graph.nodes):
+        if node.op != "Concat" or not node.inputs or not all(isinstance(t, gs.Constant) for t in node.inputs):
+            continue
+        out = node.outputs[0]
+        if any(out is t for t in graph.outputs):
+            continue
+        value = np.concatenate([t.values for t in node.inputs], axis=int(node.attrs.get("axis", 0)))
+        const = gs.Constant(f"{out.name}_folded", value)
+        for consumer in list(out.outputs):
+            consumer.inputs = [const if t is out else t for t in consumer.inputs]
+        node.outputs.clear()
+        folded.append(node.name)
+    return folded
+
+
 def cleanup(graph: gs.Graph) -> PassResult:
     result = PassResult("cleanup")
     bypassed = 0
@@ -33,9 +53,11 @@ def cleanup(graph: gs.Graph) -> PassResult:
     before = len(graph.nodes)
     graph.cleanup()
     # Fold what only depends on constants (e.g. Concat of a grown layer's old and new weights).
+    folded = set(_fold_constant_concats(graph))
+    graph.cleanup()
     folded_from = {n.name for n in graph.nodes if n.op != "Constant"}
     graph.fold_constants(error_ok=True).cleanup()
-    folded = folded_from - {n.name for n in graph.nodes}
+    folded |= folded_from - {n.name for n in graph.nodes}
     if folded:
         result.changed.append(("constants", f"folded {len(folded)} constant node(s): {', '.join(sorted(folded)[:6])}{' ...' if len(folded) > 6 else ''}"))
     dead = before - len(graph.nodes) - bypassed - len(folded)
