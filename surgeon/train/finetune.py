@@ -81,6 +81,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _load_data(config: FinetuneConfig, pre: Preprocessing) -> DataSplits:
+    return load_data(config.data, pre, val_split=config.val_split, augment=config.augment,
+                     skip_bad_images=config.skip_bad_images, seed=config.seed, root=config.data_root)
+
+
 def prepare(config: FinetuneConfig) -> Prepared:
     """Build the base model, load the data, replace the head and apply the growth steps."""
     from surgeon.zoo import open_model
@@ -89,8 +94,7 @@ def prepare(config: FinetuneConfig) -> Prepared:
     gm = trace(src.module)
     state = src.state or GrowthState(input_size=src.preprocessing.input_size)
     arch, weights, prior, pre = src.model, src.weights, src.recipe, src.preprocessing
-    data = load_data(config.data, pre, val_split=config.val_split, augment=config.augment,
-                     skip_bad_images=config.skip_bad_images, seed=config.seed, root=config.data_root)
+    data = _load_data(config, pre)
     steps: list[Step] = [HeadStep(classes=len(data.classes), layer=config.head or "")]
     if not config.baseline:
         steps += list(config.grow)
@@ -309,7 +313,6 @@ def _prepare_resumed(config: FinetuneConfig, resumed: dict[str, Any]) -> Prepare
     ckpt = checkpoint_from_dict(resumed["checkpoint"], "checkpoint.pt")
     gm = ckpt.build_model(trust_code=config.trust_code)
     gm.train()
-    data = load_data(config.data, ckpt.preprocessing, val_split=config.val_split, augment=config.augment,
-                     skip_bad_images=config.skip_bad_images, seed=config.seed, root=config.data_root)
+    data = _load_data(config, ckpt.preprocessing)
     return Prepared(gm, gm.surgeon_state, data, ckpt.model, ckpt.weights, list(ckpt.recipe), ckpt.preprocessing,  # type: ignore[attr-defined]
                     gamma_init=dict(ckpt.history.get("gamma_init", {})))

@@ -13,6 +13,15 @@ from onnx_graphsurgeon.logger import G_LOGGER
 G_LOGGER.severity = G_LOGGER.ERROR
 
 
+def constant_value(t: gs.Tensor):
+    """The array of a constant tensor, None for anything computed at run time."""
+    return t.values if isinstance(t, gs.Constant) else None
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(tensor is t for t in graph.outputs)
+
+
 @dataclass
 class PassResult:
     name: str

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from surgeon.export.passes.base import PassResult
+from surgeon.export.passes.base import PassResult, is_graph_output
 
 _NOOPS = ("Identity", "Dropout")
 
@@ -13,7 +13,7 @@ _NOOPS = ("Identity", "Dropout")
 def _bypass(graph: gs.Graph, node: gs.Node) -> bool:
     """Route ``node``'s consumers to its input; False when its output is a graph output."""
     src, out = node.inputs[0], node.outputs[0]
-    if out in graph.outputs:
+    if is_graph_output(graph, out):
         return False
     for consumer in list(out.outputs):
         consumer.inputs = [src if t is out else t for t in consumer.inputs]
@@ -29,7 +29,7 @@ def _fold_constant_concats(graph: gs.Graph) -> list[str]:
         if node.op != "Concat" or not node.inputs or not all(isinstance(t, gs.Constant) for t in node.inputs):
             continue
         out = node.outputs[0]
-        if any(out is t for t in graph.outputs):
+        if is_graph_output(graph, out):
             continue
         value = np.concatenate([t.values for t in node.inputs], axis=int(node.attrs.get("axis", 0)))
         const = gs.Constant(f"{out.name}_folded", value)

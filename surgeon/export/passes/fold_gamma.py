@@ -13,16 +13,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from surgeon.export.grownorm_op import DOMAIN, OP_TYPE
-from surgeon.export.passes.base import PassResult
+from surgeon.export.passes.base import PassResult, constant_value, is_graph_output
 
 _ALWAYS = {"Dropout", "Identity", "AveragePool", "GlobalAveragePool"}
 _POSITIVE_ONLY = {"Relu", "LeakyRelu", "MaxPool", "GlobalMaxPool"}
 _FLATTENS = {"Flatten", "Reshape"}
 _LINEAR = {"Gemm", "MatMul", "Conv"}
-
-
-def _const(t: gs.Tensor) -> np.ndarray | None:
-    return t.values if isinstance(t, gs.Constant) else None
 
 
 def _channel_positions(src: gs.Tensor, dst: gs.Tensor) -> int | None:
@@ -37,7 +33,7 @@ def _channel_positions(src: gs.Tensor, dst: gs.Tensor) -> int | None:
 def _reduce_mean_ok(node: gs.Node) -> bool:
     axes = node.attrs.get("axes")
     if axes is None and len(node.inputs) > 1:
-        axes = _const(node.inputs[1])
+        axes = constant_value(node.inputs[1])
     return axes is not None and all(int(a) >= 2 for a in np.atleast_1d(axes))
 
 
@@ -48,7 +44,7 @@ def _walk(norm: gs.Node, graph: gs.Graph) -> tuple[gs.Node | None, gs.Tensor, li
     path: list[str] = []
     positions, positive = 1, False
     while True:
-        if any(cur is t for t in graph.outputs):
+        if is_graph_output(graph, cur):
             return None, cur, path, positions, positive, "its output is a graph output"
         users = list(cur.outputs)
         if len(users) != 1:
@@ -77,7 +73,7 @@ def _scale_consumer(consumer: gs.Node, src: gs.Tensor, scale: np.ndarray, positi
     """Multiply the consumer's input columns by ``scale`` (repeated per position); None or why not."""
     if not consumer.inputs or consumer.inputs[0] is not src:
         return f"{consumer.op} {consumer.name} reads it as a weight, not as its input"
-    weight = _const(consumer.inputs[1]) if len(consumer.inputs) > 1 else None
+    weight = constant_value(consumer.inputs[1]) if len(consumer.inputs) > 1 else None
     if weight is None:
         return f"the weight of {consumer.op} {consumer.name} is not a constant"
     cols = np.repeat(scale, positions).astype(weight.dtype)
@@ -108,7 +104,7 @@ def _scale_consumer(consumer: gs.Node, src: gs.Tensor, scale: np.ndarray, positi
 def fold_gamma(graph: gs.Graph) -> PassResult:
     result = PassResult("fold-gamma")
     for norm in [n for n in graph.nodes if n.op == OP_TYPE and n.domain == DOMAIN]:
-        gamma = _const(norm.inputs[1]) if len(norm.inputs) > 1 else None
+        gamma = constant_value(norm.inputs[1]) if len(norm.inputs) > 1 else None
         if gamma is None:
             result.skipped.append((norm.name, "γ is not a constant"))
             continue

@@ -10,17 +10,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from surgeon.export.passes.base import PassResult
+from surgeon.export.passes.base import PassResult, constant_value, is_graph_output
 
 _LINEAR = ("Conv", "Gemm", "MatMul")
-
-
-def _const(t: gs.Tensor) -> np.ndarray | None:
-    return t.values if isinstance(t, gs.Constant) else None
-
-
-def _is_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
-    return any(tensor is t for t in graph.outputs)
 
 
 def _out_axis(node: gs.Node) -> int:
@@ -39,11 +31,11 @@ def _merge_linear(graph: gs.Graph, concat: gs.Node) -> str | None:
     first = producers[0]
     if any(p.op != first.op or p.inputs[0] is not first.inputs[0] or p.attrs != first.attrs for p in producers):
         return "branches differ in input, op or attributes"
-    if any(len(t.outputs) != 1 or _is_output(graph, t) for t in concat.inputs):
+    if any(len(t.outputs) != 1 or is_graph_output(graph, t) for t in concat.inputs):
         return "a branch output has other consumers or is a graph output"
     if first.op == "Conv" and first.attrs.get("group", 1) != 1:
         return "grouped Conv branches"
-    weights = [_const(p.inputs[1]) for p in producers]
+    weights = [constant_value(p.inputs[1]) for p in producers]
     if any(w is None for w in weights):
         return "a branch weight is not a constant"
     if first.op == "Gemm" and (first.attrs.get("transA", 0) or concat.attrs.get("axis") not in (1, -1)):
@@ -65,7 +57,7 @@ def _merge_linear(graph: gs.Graph, concat: gs.Node) -> str | None:
     if any(has_bias):
         biases = []
         for p, w in zip(producers, weights):
-            b = _const(p.inputs[2]) if len(p.inputs) > 2 else np.zeros(w.shape[axis], w.dtype)
+            b = constant_value(p.inputs[2]) if len(p.inputs) > 2 else np.zeros(w.shape[axis], w.dtype)
             if b is None or b.size not in (1, w.shape[axis]) or (b.ndim == 2 and b.shape[0] != 1) or b.ndim > 2:
                 return "a branch bias is not a per-output constant"
             biases.append(np.broadcast_to(b.reshape(-1), (w.shape[axis],)))  # Gemm biases may broadcast
@@ -86,17 +78,17 @@ def _merge_split_batchnorm(graph: gs.Graph, concat: gs.Node) -> str | None:
     if any(s is None or s.op != "Slice" for s in slices) or len({id(s.inputs[0]) for s in slices}) != 1:
         return "the BatchNorms do not read slices of one tensor"
     if concat.attrs.get("axis") != 1 or any(len(b.outputs) != 1 or len(b.outputs[0].outputs) != 1
-                                            or _is_output(graph, b.outputs[0]) for b in bns):
+                                            or is_graph_output(graph, b.outputs[0]) for b in bns):
         return "not a channel split"
     # The slices must tile the channels in order: starts 0, c0, c0+c1, ... on axis 1.
     pos = 0
     for s in slices:
-        starts, ends = _const(s.inputs[1]), _const(s.inputs[2])
-        axes = _const(s.inputs[3]) if len(s.inputs) > 3 else None
-        steps = _const(s.inputs[4]) if len(s.inputs) > 4 else None
+        starts, ends = constant_value(s.inputs[1]), constant_value(s.inputs[2])
+        axes = constant_value(s.inputs[3]) if len(s.inputs) > 3 else None
+        steps = constant_value(s.inputs[4]) if len(s.inputs) > 4 else None
         if starts is None or ends is None or axes is None or list(np.atleast_1d(axes)) != [1] or (steps is not None and list(steps) != [1]):
             return "a slice is not a constant channel range"
-        size = _const(bns[slices.index(s)].inputs[1]).shape[0]
+        size = constant_value(bns[slices.index(s)].inputs[1]).shape[0]
         if int(np.atleast_1d(starts)[0]) != pos or min(int(np.atleast_1d(ends)[0]), 2**62) < pos + size:
             return "the slices do not tile the channels in order"
         pos += size
@@ -105,7 +97,7 @@ def _merge_split_batchnorm(graph: gs.Graph, concat: gs.Node) -> str | None:
         return "the slices do not cover all channels"
     if len({b.attrs.get("epsilon", 1e-5) for b in bns}) != 1:
         return "the BatchNorms have different epsilons"
-    params = [np.concatenate([_const(b.inputs[i]) for b in bns]) for i in range(1, 5)]
+    params = [np.concatenate([constant_value(b.inputs[i]) for b in bns]) for i in range(1, 5)]
     src = slices[0].inputs[0]
     names = ("scale", "bias", "mean", "var")
     merged = gs.Node("BatchNormalization", f"{bns[0].name}_merged", {"epsilon": bns[0].attrs.get("epsilon", 1e-5)},
