@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx
 
 from surgeon.errors import SurgeonError
+from surgeon.fileio import atomic_write
 
 # Below protobuf's 2 GiB hard limit, with room for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -70,23 +71,21 @@ def save(proto: onnx.ModelProto, path: str | Path) -> list[Path]:
     """Write ``proto`` to ``path`` atomically; a large model's tensors go to ``path.data``.
     Returns the files written. The proto itself is not modified."""
     path = Path(path)
+    if not is_large(proto):
+        return [atomic_write(path, lambda tmp: onnx.save(proto, tmp))]
+    # Two files: both are written in a private folder beside the target, then renamed into place,
+    # the data first (the model file points to it by name).
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     except OSError as exc:
         raise SurgeonError(f"cannot write {path}: {exc.strerror or exc}") from None
-    written: list[Path] = []
+    data_name = f"{path.name}.data"
     try:
-        if is_large(proto):
-            data_name = f"{path.name}.data"
-            _save_external(proto, tmpdir / path.name, data_name)
-            os.replace(tmpdir / data_name, path.parent / data_name)  # data first: the model points to it
-            written.append(path.parent / data_name)
-        else:
-            onnx.save(proto, tmpdir / path.name)
+        _save_external(proto, tmpdir / path.name, data_name)
+        os.replace(tmpdir / data_name, path.parent / data_name)
         os.replace(tmpdir / path.name, path)
-        written.insert(0, path)
-        return written
+        return [path, path.parent / data_name]
     except OSError as exc:
         raise SurgeonError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:

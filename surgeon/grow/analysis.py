@@ -246,7 +246,7 @@ def _classify(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> str:
     return f"stop:feeds {node.name} ({node.target}), which surgeon cannot widen through"
 
 
-def _check_pool_or_flatten(kind: str, node: fx.Node, in_shape: tuple[int, ...], channels: int) -> str | None:
+def _check_pool_or_flatten(kind: str, node: fx.Node, in_shape: tuple[int, ...]) -> str | None:
     """Shape check for ops between the chain and the consumer: pooling keeps dim 1 = C, flattening
     must be channel-major from dim 1. Returns a refusal reason or None."""
     out = shape_of(node)
@@ -336,7 +336,7 @@ def _walk_region(gm: fx.GraphModule, site: Site, src: fx.Node, src_shape: tuple[
             site.consumers.append(Consumer(str(user.target), user, positions))
             continue
         if kind in ("pool", "flatten"):
-            reason = _check_pool_or_flatten(kind, user, src_shape, site.channels)
+            reason = _check_pool_or_flatten(kind, user, src_shape)
             if reason:
                 raise GrowthError(f"cannot grow '{site.layer}': {reason}")
             out = shape_of(user)

@@ -41,10 +41,6 @@ class BaseModel:
     preprocessing: Preprocessing
 
 
-def is_user_code(spec: str) -> bool:
-    return not (spec.startswith("torchvision:") or spec.startswith("surgeon:"))
-
-
 def build_architecture(spec: str, *, trust_code: bool = True) -> nn.Module:
     """The randomly initialised architecture for ``spec`` (no weights are fetched)."""
     if spec.startswith("torchvision:"):
