@@ -7,6 +7,7 @@ architecture and loading the state dict.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -56,15 +57,24 @@ class Checkpoint:
             "train_args": self.train_args,
         }
 
-    def build_model(self, *, trust_code: bool = False) -> fx.GraphModule:
-        """Replay the recipe on the base architecture and load the weights."""
-        from surgeon.zoo import build_architecture
-
-        gm = trace(build_architecture(self.model, trust_code=trust_code))
-        state = GrowthState(input_size=self.preprocessing.input_size)
-        apply_steps(gm, self.recipe, state)
+    def build_model(self, *, trust_code: bool = False, share_weights: bool = False) -> fx.GraphModule:
+        """Replay the recipe on the base architecture and load the weights. ``share_weights``: the
+        model's parameters become the checkpoint's tensors instead of copies, and the architecture is
+        built without initializing its weights — one copy of the weights in memory, for inference
+        (training would update this checkpoint's tensors too)."""
+        built = None
+        # Shared weights: build without writing any weight (on the meta device, or at least with
+        # the base architecture uninitialized) — each attempt refused or failed falls back to the next.
+        for mode in ("meta", "uninitialized") if share_weights else ():
+            try:
+                built = self._grow(trust_code, mode)
+            except Exception:
+                built = None
+            if built is not None:
+                break
+        gm, state = built or self._grow(trust_code, "ordinary")  # type: ignore[misc]
         try:
-            gm.load_state_dict(self.state_dict)
+            gm.load_state_dict(self.state_dict, assign=share_weights)
         except RuntimeError as exc:
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
             raise CheckpointError(f"the checkpoint's weights do not fit its recipe: {(lines[1] if len(lines) > 1 else lines[0])[:300]}") from None
@@ -72,6 +82,32 @@ class Checkpoint:
         gm.surgeon_checkpoint = self  # type: ignore[attr-defined]
         gm.eval()
         return gm
+
+    def _grow(self, trust_code: bool, mode: str) -> tuple[fx.GraphModule, GrowthState] | None:
+        """The grown architecture. ``mode``: "ordinary" (initialized weights); "uninitialized"
+        (the base's weights allocated but never written: their pages cost nothing until
+        load_state_dict(assign=True) replaces them); "meta" (the growth too). None where a buffer
+        is not in the state dict (its value would be lost)."""
+        from surgeon.zoo import build_architecture
+
+        if mode == "ordinary":
+            arch = build_architecture(self.model, trust_code=trust_code)
+        else:
+            with torch.device("meta"):
+                arch = build_architecture(self.model, trust_code=trust_code)
+            if any(m._non_persistent_buffers_set for m in arch.modules()):
+                return None
+            if mode == "uninitialized":
+                arch = arch.to_empty(device="cpu")
+        with torch.device("meta") if mode == "meta" else contextlib.nullcontext():
+            gm = trace(arch)
+            state = GrowthState(input_size=self.preprocessing.input_size)
+            apply_steps(gm, self.recipe, state)
+        if mode == "meta":
+            if any(m._non_persistent_buffers_set for m in gm.modules()):
+                return None
+            gm = gm.to_empty(device="cpu")
+        return gm, state
 
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import click
@@ -90,15 +91,19 @@ def verify(model: str, grown: str, calib: str | None, tolerance: float | None, t
     from surgeon.export.fp16 import FP16_TOLERANCE
     from surgeon.export.onnx_export import BatchRange
     from surgeon.export.onnx_io import load_onnx
-    from surgeon.export.verify import FP32_TOLERANCE, verify_against_torch
+    from surgeon.export.verify import FP32_TOLERANCE, torch_reference
+    from surgeon.export.verify import verify as verify_onnx
 
-    proto = load_onnx(model)
+    proto = load_onnx(model, load_external_data=False)  # the metadata; ONNX Runtime reads the file itself
     meta = {p.key: p.value for p in proto.metadata_props}
     if tolerance is None:
         tolerance = FP16_TOLERANCE if meta.get("surgeon.precision") == "fp16" else FP32_TOLERANCE
     batch = BatchRange.parse(meta["surgeon.batch"]) if "surgeon.batch" in meta else BatchRange()
     ckpt = read_checkpoint(grown)
-    checks = verify_against_torch(proto, ckpt.build_model(trust_code=trust_code), ckpt.preprocessing, stage="verify",
-                                  tolerance=tolerance, calib=calib, batches=batch.verify_batches(), max_batch=batch.max)
+    reference = torch_reference(ckpt.build_model(trust_code=trust_code, share_weights=True), ckpt.preprocessing,
+                                calib=calib, batches=batch.verify_batches(), max_batch=batch.max)
+    ckpt.state_dict = {}  # PyTorch's part is done: free its weights before ONNX Runtime loads the model's
+    gc.collect()
+    checks = verify_onnx(model, reference, stage="verify", tolerance=tolerance)
     _print_checks(checks)
     click.echo(f"{model} matches {grown}")

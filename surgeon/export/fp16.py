@@ -13,6 +13,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from surgeon.export.grownorm_op import DOMAIN, OP_TYPE
+from surgeon.export.lean import LeanModel
 
 FP16_TOLERANCE = 1e-2   # relative to the logits' scale; fp16 keeps ~3 significant digits
 
@@ -21,16 +22,22 @@ def _is_grownorm(node: onnx.NodeProto) -> bool:
     return node.op_type == OP_TYPE and node.domain == DOMAIN
 
 
-def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+def to_fp16(model: LeanModel) -> LeanModel:
+    """The fp16 graph; fp32 weights become fp16 copies (the fp32 arrays are not modified)."""
     out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out.CopyFrom(model.proto)  # the graph only: the weights are beside it
     graph = out.graph
     keep_fp32 = {n.input[1] for n in graph.node if _is_grownorm(n) and len(n.input) > 1}
     for init in graph.initializer:
         if init.data_type == TensorProto.FLOAT and init.name not in keep_fp32:
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
+    weights = {name: a.astype(np.float16) if a.dtype == np.float32 and name not in keep_fp32 else a
+               for name, a in model.weights.items()}
+    for declared in graph.input:
+        if declared.name in weights:
+            declared.type.tensor_type.elem_type = helper.np_dtype_to_tensor_dtype(weights[declared.name].dtype)
 
-    inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == TensorProto.FLOAT}
+    inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == TensorProto.FLOAT and i.name not in weights}
     outputs = {o.name for o in graph.output if o.type.tensor_type.elem_type == TensorProto.FLOAT}
     nodes: list[onnx.NodeProto] = [helper.make_node("Cast", [name], [f"{name}_fp16"], to=TensorProto.FLOAT16,
                                                     name=f"surgeon_cast_{name}_fp16") for name in sorted(inputs)]
@@ -57,4 +64,4 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.value_info[:]
-    return out
+    return LeanModel(out, weights)

@@ -7,6 +7,7 @@ model that misses its tolerance is never written.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import warnings
@@ -20,7 +21,8 @@ from torch import nn
 from surgeon import __version__
 from surgeon.checkpoint import Checkpoint, read_checkpoint
 from surgeon.errors import SurgeonError
-from surgeon.export import grownorm_op, large
+from surgeon.export import grownorm_op
+from surgeon.export.lean import LeanModel
 from surgeon.export.verify import FP32_TOLERANCE, Verification, torch_reference, verify
 from surgeon.grow.recipe import recipe_to_json
 
@@ -58,7 +60,7 @@ class BatchRange:
 @dataclass
 class ExportResult:
     path: Path | None
-    model: onnx.ModelProto
+    model: LeanModel   # the written model; ``model.to_proto()`` for an in-memory ModelProto
     verifications: list[Verification] = field(default_factory=list)
     passes: list[dict] = field(default_factory=list)   # per pass: changed, skipped (with reasons)
     ops_before: dict[str, int] = field(default_factory=dict)
@@ -69,7 +71,8 @@ class ExportResult:
         return self.ops_after.get(f"{grownorm_op.DOMAIN}::{grownorm_op.OP_TYPE}", 0)
 
 
-def op_counts(proto: onnx.ModelProto) -> dict[str, int]:
+def op_counts(model: LeanModel | onnx.ModelProto) -> dict[str, int]:
+    proto = model.proto if isinstance(model, LeanModel) else model
     counts: dict[str, int] = {}
     for n in proto.graph.node:
         key = f"{n.domain}::{n.op_type}" if n.domain else n.op_type
@@ -92,8 +95,9 @@ def metadata(ckpt: Checkpoint) -> dict[str, str]:
     }
 
 
-def to_onnx(model: nn.Module, input_size: int, opset: int = DEFAULT_OPSET, batch: BatchRange = BatchRange()) -> onnx.ModelProto:
-    """Export an eval-mode model with GrowNorm as ``surgeon::GrowNorm`` nodes plus the local function."""
+def to_onnx(model: nn.Module, input_size: int, opset: int = DEFAULT_OPSET, batch: BatchRange = BatchRange()) -> LeanModel:
+    """Export an eval-mode model with GrowNorm as ``surgeon::GrowNorm`` nodes plus the local function.
+    The large tensors of the result are views of ``model``'s parameters (no copy)."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise SurgeonError(f"--opset {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET}")
     model = model.eval()
@@ -112,13 +116,15 @@ def to_onnx(model: nn.Module, input_size: int, opset: int = DEFAULT_OPSET, batch
     except Exception as exc:
         first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise SurgeonError(f"torch.onnx.export failed: {first[:300]}") from None
-    proto = program.model_proto
+    lean = LeanModel.from_ir(program.model)
+    del program
+    proto = lean.proto
     if any(n.domain == grownorm_op.DOMAIN for n in proto.graph.node):
         proto.functions.append(grownorm_op.grownorm_function())
     if not any(o.domain == grownorm_op.DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(grownorm_op.DOMAIN, 1))
     proto.producer_name, proto.producer_version = "surgeon", __version__
-    return proto
+    return lean
 
 
 def set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
@@ -129,9 +135,10 @@ def set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
         entry.key, entry.value = key, value
 
 
-def save_onnx(proto: onnx.ModelProto, path: str | Path) -> Path:
+def save_onnx(model: LeanModel | onnx.ModelProto, path: str | Path) -> Path:
     """Atomic write; models over 2 GB keep their tensors in ``<path>.data``."""
-    return large.save(proto, path)[0]
+    lean = model if isinstance(model, LeanModel) else LeanModel.from_proto(model)
+    return lean.save(path)[0]
 
 
 def export_checkpoint(grown: str | Path, output: str | Path | None = None, *, opset: int = DEFAULT_OPSET,
@@ -147,28 +154,35 @@ def export_checkpoint(grown: str | Path, output: str | Path | None = None, *, op
 
     if precision not in ("fp32", "fp16"):
         raise SurgeonError(f"--precision must be fp32 or fp16, got {precision!r}")
+    # One copy of the weights all the way: the checkpoint's tensors become the model's parameters (no
+    # weight is initialized), the exported graph views them, and a pass that rewrites a tensor frees
+    # the old one (the model is dropped below). Not memory-mapped: a mapping lives until its last
+    # tensor does, so replaced weights would stay resident.
     ckpt = read_checkpoint(grown)
-    model = ckpt.build_model(trust_code=trust_code)
+    model = ckpt.build_model(trust_code=trust_code, share_weights=True)
     out = Path(output) if output else Path(grown).with_name("model.onnx")
-    proto = to_onnx(model, ckpt.preprocessing.input_size, opset, batch)
-    set_metadata(proto, {**metadata(ckpt), "surgeon.batch": str(batch)})
+    lean = to_onnx(model, ckpt.preprocessing.input_size, opset, batch)
+    set_metadata(lean.proto, {**metadata(ckpt), "surgeon.batch": str(batch)})
     reference = torch_reference(model, ckpt.preprocessing, calib=calib, batches=batch.verify_batches(),
                                 max_batch=batch.max)
+    del model
+    ckpt.state_dict = {}
+    gc.collect()  # the traced model is cyclic: free it (and the tensors only it held) now
     try:
-        large.check(proto)
+        lean.check()
     except onnx.checker.ValidationError as exc:
         raise SurgeonError(f"the exported model is not valid ONNX: {str(exc).splitlines()[0]}") from None
     fp32_tol = FP32_TOLERANCE if tolerance is None else tolerance
-    checks = verify(proto, reference, stage="export", tolerance=fp32_tol)
-    before = op_counts(proto)
+    checks = verify(lean, reference, stage="export", tolerance=fp32_tol)
+    before = op_counts(lean)
 
-    def after_pass(name: str, candidate: onnx.ModelProto) -> None:
+    def after_pass(name: str, candidate: LeanModel) -> None:
         checks.extend(verify(candidate, reference, stage=name, tolerance=fp32_tol))
 
-    proto, results = default_passes(fold).run(proto, after_each=after_pass)
+    lean, results = default_passes(fold).run(lean, after_each=after_pass)
     if precision == "fp16":
-        proto = to_fp16(proto)
-        set_metadata(proto, {"surgeon.precision": "fp16"})
-        checks.extend(verify(proto, reference, stage="fp16", tolerance=FP16_TOLERANCE if tolerance is None else tolerance))
-    save_onnx(proto, out)
-    return ExportResult(out, proto, checks, summarize(results), before, op_counts(proto))
+        lean = to_fp16(lean)
+        set_metadata(lean.proto, {"surgeon.precision": "fp16"})
+        checks.extend(verify(lean, reference, stage="fp16", tolerance=FP16_TOLERANCE if tolerance is None else tolerance))
+    lean.save(out)
+    return ExportResult(out, lean, checks, summarize(results), before, op_counts(lean))

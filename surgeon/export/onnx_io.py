@@ -9,12 +9,14 @@ import onnx
 from surgeon.errors import SurgeonError
 
 
-def load_onnx(path: str | Path) -> onnx.ModelProto:
+def load_onnx(path: str | Path, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """The model; ``load_external_data=False`` reads the graph and metadata only (tensors stored in
+    ``<name>.data`` files stay on disk)."""
     p = Path(path)
     if not p.exists():
         raise SurgeonError(f"ONNX file {p} does not exist")
     try:
-        proto = onnx.load(p)
+        proto = onnx.load(p, load_external_data=load_external_data)
     except Exception as exc:  # protobuf DecodeError and friends
         raise SurgeonError(f"{p} is not a readable ONNX model ({type(exc).__name__})") from None
     if not proto.graph.node:

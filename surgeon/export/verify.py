@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from surgeon.errors import SurgeonError
+from surgeon.export.lean import LeanModel
 from surgeon.preprocessing import Preprocessing
 
 FP32_TOLERANCE = 1e-4
@@ -35,22 +36,35 @@ class Verification:
         return self.rel_err <= self.tolerance
 
 
-def ort_session(proto: onnx.ModelProto):
-    import tempfile
+class OrtRunner:
+    """An ONNX Runtime (CPU) session that feeds a LeanModel's weights along with the input."""
 
-    import onnxruntime as ort
+    def __init__(self, model: LeanModel | onnx.ModelProto | str | Path):
+        import onnxruntime as ort
 
-    from surgeon.export.large import session_source
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    with tempfile.TemporaryDirectory(prefix="surgeon-verify-") as tmp:  # only used by models over 2 GB
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if isinstance(model, onnx.ModelProto):
+            model = LeanModel.from_proto(model)
+        elif not isinstance(model, LeanModel) and _has_external_data(Path(model)):
+            model = LeanModel.load(model)  # mapped tensors as feeds: no second copy of a large model
+        self._weights = model.weights if isinstance(model, LeanModel) else {}
+        source = model.proto.SerializeToString() if isinstance(model, LeanModel) else str(model)
         try:
-            return ort.InferenceSession(session_source(proto, Path(tmp)), opts, providers=["CPUExecutionProvider"])
-        except SurgeonError:
-            raise
+            self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise SurgeonError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from None
+        self.input_name = next(i.name for i in self.session.get_inputs() if i.name not in self._weights)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {**self._weights, self.input_name: x})[0]
+
+
+def _has_external_data(path: Path) -> bool:
+    from surgeon.export.onnx_io import load_onnx
+
+    header = load_onnx(path, load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)
 
 
 def _real_images(calib: str, pre: Preprocessing, limit: int = 32) -> torch.Tensor:
@@ -107,14 +121,14 @@ def torch_reference(model: nn.Module, pre: Preprocessing, *, calib: str | None =
     return Reference(cases)
 
 
-def verify(proto: onnx.ModelProto, reference: Reference, *, stage: str,
+def verify(model: LeanModel | onnx.ModelProto | str | Path, reference: Reference, *, stage: str,
            tolerance: float = FP32_TOLERANCE) -> list[Verification]:
-    """Raise SurgeonError (naming ``stage``) unless ONNX Runtime matches the reference within ``tolerance``."""
-    session = ort_session(proto)
-    name = session.get_inputs()[0].name
+    """Raise SurgeonError (naming ``stage``) unless ONNX Runtime matches the reference within
+    ``tolerance``. ``model``: in memory, or a file's path (ONNX Runtime reads it, external data too)."""
+    runner = OrtRunner(model)
     results = []
     for what, x, expected in reference.cases:
-        err, rel = compare(expected, session.run(None, {name: x})[0])
+        err, rel = compare(expected, runner.run(x))
         check = Verification(stage, what, len(x), err, rel, tolerance)
         results.append(check)
         if not check.ok:
@@ -123,11 +137,3 @@ def verify(proto: onnx.ModelProto, reference: Reference, *, stage: str,
                 f"(batch {len(x)}; tolerance {tolerance:.0e}); the model was not written"
             )
     return results
-
-
-def verify_against_torch(proto: onnx.ModelProto, model: nn.Module, pre: Preprocessing, *, stage: str,
-                         tolerance: float = FP32_TOLERANCE, calib: str | None = None,
-                         batches: tuple[int, ...] = (1, 5), max_batch: int | None = None) -> list[Verification]:
-    """:func:`torch_reference` + :func:`verify` in one call."""
-    reference = torch_reference(model, pre, calib=calib, batches=batches, max_batch=max_batch)
-    return verify(proto, reference, stage=stage, tolerance=tolerance)

@@ -17,10 +17,11 @@ import torch
 
 def copy_mapping(channels: int, units: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Which existing channel each new unit copies: distinct channels first, then repeats."""
-    first = torch.randperm(channels, generator=generator)[: min(units, channels)]
+    # Index bookkeeping stays on the CPU whatever the default device (a rebuild runs on meta).
+    first = torch.randperm(channels, generator=generator, device="cpu")[: min(units, channels)]
     if units <= channels:
         return first
-    rest = torch.randint(channels, (units - channels,), generator=generator)
+    rest = torch.randint(channels, (units - channels,), generator=generator, device="cpu")
     return torch.cat([first, rest])
 
 
@@ -28,12 +29,12 @@ def split_shares(channels: int, mapping: torch.Tensor, generator: torch.Generato
     """Random positive shares per source channel: ``(old_share[C], new_share[k])`` with
     ``old_share[c] + sum(new_share[i] for i copying c) == 1`` for every copied channel ``c``
     (and ``old_share[c] == 1`` for channels nobody copies)."""
-    old_share = torch.ones(channels)
-    new_share = torch.empty(len(mapping))
+    old_share = torch.ones(channels, device="cpu")
+    new_share = torch.empty(len(mapping), device="cpu")
     for c in torch.unique(mapping).tolist():
         copies = (mapping == c).nonzero().flatten()
         # Shares bounded away from 0 (Dirichlet-like, concentration high enough to avoid dead copies).
-        raw = torch.rand(len(copies) + 1, generator=generator) + 0.5
+        raw = torch.rand(len(copies) + 1, generator=generator, device="cpu") + 0.5
         raw = raw / raw.sum()
         old_share[c] = raw[0]
         new_share[copies] = raw[1:]
@@ -58,15 +59,15 @@ def extra_columns(
     if init == "zero":
         return full, torch.zeros(shape, dtype=full.dtype)
     if init == "random":
-        std = float(full.std()) if full.numel() > 1 else 1.0
+        std = float(full.std()) if full.numel() > 1 and not full.is_meta else 1.0  # meta: shapes only (a rebuild)
         return full, torch.randn(shape, dtype=full.dtype) * (std if std > 0 else 1.0)
     assert mapping is not None and shares is not None
     old_share, new_share = shares
     full = full.clone()
     view = (1, -1) + (1,) * (full.dim() - 2)
     # Column j of channel c is c * positions + j.
-    old_cols = old_share.repeat_interleave(positions).to(full.dtype)
-    src_cols = (mapping[:, None] * positions + torch.arange(positions)).flatten()
-    extra = full[:, src_cols] * new_share.repeat_interleave(positions).to(full.dtype).reshape(view)
+    old_cols = old_share.repeat_interleave(positions).to(full.device, full.dtype)
+    src_cols = (mapping[:, None] * positions + torch.arange(positions, device=mapping.device)).flatten().to(full.device)
+    extra = full[:, src_cols] * new_share.repeat_interleave(positions).to(full.device, full.dtype).reshape(view)
     full = full * old_cols.reshape(view)
     return full, extra

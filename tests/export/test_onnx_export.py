@@ -274,19 +274,22 @@ def test_batch_range_is_recorded_and_respected(tmp_path, wwa):
 
 
 def test_large_model_path_uses_external_data(tmp_path, monkeypatch, wwa):
-    """Models over protobuf's 2 GB limit take the external-data path everywhere (saving, ONNX
-    Runtime, shape inference for the passes, the checker). Forced here with a tiny threshold."""
-    from surgeon.export import large
+    """Models over protobuf's 2 GB limit are written with external data (their tensors in
+    ``<name>.data``), and `surgeon verify` reads them back. Forced here with a tiny threshold."""
+    from surgeon.export import lean
 
     ckpt, _ = wwa
-    monkeypatch.setattr(large, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    monkeypatch.setattr(lean, "EXTERNAL_DATA_THRESHOLD", 10_000)
     result = export_checkpoint(ckpt, tmp_path / "big.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
     assert (tmp_path / "big.onnx").stat().st_size < 100_000 < (tmp_path / "big.onnx.data").stat().st_size
     fold = next(p for p in result.passes if p["pass"] == "fold-gamma")
-    assert len(fold["changed"]) == 3  # shapes were inferred on the weightless copy: the flatten path folded
-    # The in-memory result still holds its tensors, and the file loads with its data.
-    assert all(i.data_location == onnx.TensorProto.DEFAULT for i in result.model.graph.initializer)
+    assert len(fold["changed"]) == 3  # shapes were inferred on the graph without its weights: the flatten path folded
+    header = onnx.load(str(tmp_path / "big.onnx"), load_external_data=False)
+    external = [i for i in header.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+    assert {i.name for i in external} == set(result.model.weights) and len(external) > 3
+    res = CliRunner().invoke(cli, ["verify", str(tmp_path / "big.onnx"), "--against", str(ckpt)])
+    assert res.exit_code == 0, res.output
     x = torch.randn(2, 3, 32, 32).numpy()
     sess = ort.InferenceSession(str(tmp_path / "big.onnx"), providers=["CPUExecutionProvider"])
     import surgeon

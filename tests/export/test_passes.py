@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from surgeon.export import lean
 from surgeon.export.grownorm_op import grownorm_function
 from surgeon.export.passes.base import PassManager, PassResult, default_passes, export_graph, import_graph, summarize
 from surgeon.export.passes.cleanup import cleanup
@@ -19,6 +20,13 @@ from surgeon.export.passes.fold_gamma import fold_gamma
 from surgeon.export.passes.merge_parallel import merge_parallel
 
 RNG_SEED = 0
+
+
+@pytest.fixture(autouse=True, params=[lean.SMALL_TENSOR, 16], ids=["weights-in-proto", "weights-beside-graph"])
+def weight_threshold(request, monkeypatch):
+    """Every pass test runs twice: with the hand-built weights inside the proto (they are small) and
+    with all but the tiniest kept beside the graph, as for real models."""
+    monkeypatch.setattr(lean, "SMALL_TENSOR", request.param)
 
 
 # --------------------------------------------------------------------------------------------------

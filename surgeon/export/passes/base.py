@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
+
+from surgeon.export.lean import LeanModel, is_weight
 
 # The passes report what they do; onnx-graphsurgeon's own warnings (colors, folding sizes) are noise here.
 G_LOGGER.severity = G_LOGGER.ERROR
@@ -36,30 +41,59 @@ class PassResult:
 GraphPass = Callable[[gs.Graph], PassResult]
 
 
-def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """gs.Graph with inferred shapes (passes read spatial sizes from them)."""
-    from surgeon.export.large import infer_shapes
+def _lean(model: LeanModel | onnx.ModelProto) -> LeanModel:
+    return model if isinstance(model, LeanModel) else LeanModel.from_proto(model)
 
+
+def import_graph(model: LeanModel | onnx.ModelProto) -> gs.Graph:
+    """gs.Graph with inferred shapes (passes read spatial sizes from them). The weights become
+    constants holding the very same arrays: nothing is copied."""
+    lean = _lean(model)
     try:
-        model = infer_shapes(model)
+        proto = lean.infer_shapes()
     except Exception:
-        pass  # shapes help the passes; without them a pass skips what it cannot prove
-    return gs.import_onnx(model)
+        proto = lean.proto  # shapes help the passes; without them a pass skips what it cannot prove
+    graph = gs.import_onnx(proto)
+    tensors = graph.tensors()
+    for name, array in lean.weights.items():
+        if name in tensors:
+            tensors[name].to_constant(array)
+    graph.inputs = [t for t in graph.inputs if t.name not in lean.weights]
+    return graph
 
 
-def export_graph(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    """Back to a ModelProto keeping the template's functions, opsets and metadata."""
-    out = gs.export_onnx(graph, do_type_check=False)
+def export_graph(graph: gs.Graph, template: LeanModel | onnx.ModelProto) -> LeanModel | onnx.ModelProto:
+    """Back to the template's kind, keeping its functions, opsets and metadata. Large constants
+    leave as weights (shared, not serialized); ``graph`` is left as it was."""
+    weights: dict[str, np.ndarray] = {}
+    moved = []
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) and is_weight(t.shape):
+            weights[t.name] = t.values
+            moved.append(t)
+    for t in moved:
+        t.to_variable(dtype=weights[t.name].dtype, shape=list(weights[t.name].shape))
+        t.type = "tensor_type"  # to_variable (onnx-graphsurgeon 0.6) leaves the attribute unset; the exporter reads it
+    inputs = list(graph.inputs)
+    graph.inputs = inputs + moved
+    try:
+        out = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        graph.inputs = inputs
+        for t in moved:
+            t.to_constant(weights[t.name])
+    source = template.proto if isinstance(template, LeanModel) else template
     del out.functions[:]
-    out.functions.extend(template.functions)
+    out.functions.extend(source.functions)
     del out.opset_import[:]
-    out.opset_import.extend(template.opset_import)
+    out.opset_import.extend(source.opset_import)
     del out.metadata_props[:]
-    out.metadata_props.extend(template.metadata_props)
-    out.ir_version = template.ir_version
-    out.producer_name, out.producer_version = template.producer_name, template.producer_version
+    out.metadata_props.extend(source.metadata_props)
+    out.ir_version = source.ir_version
+    out.producer_name, out.producer_version = source.producer_name, source.producer_version
     del out.graph.value_info[:]  # stale after edits; runtimes infer again
-    return out
+    lean = LeanModel(out, weights)
+    return lean if isinstance(template, LeanModel) else lean.to_proto()
 
 
 @dataclass
@@ -67,27 +101,35 @@ class PassManager:
     passes: list[tuple[str, GraphPass]]
     max_rounds: int = 4
 
-    def run(self, model: onnx.ModelProto,
-            after_each: Callable[[str, onnx.ModelProto], None] | None = None) -> tuple[onnx.ModelProto, list[PassResult]]:
-        """Run every pass in order until a whole round changes nothing. ``after_each(name, model)``
-        is called after each pass that changed the graph (verification raises there)."""
+    def run(self, model: LeanModel | onnx.ModelProto,
+            after_each: Callable[[str, LeanModel], None] | None = None) -> tuple[Any, list[PassResult]]:
+        """Run every pass in order until a whole round changes nothing. A LeanModel is edited in place
+        (so tensors a pass replaces are freed as it goes) and returned; a ModelProto is left as it
+        is and a new one returned. ``after_each(name, model)`` is called after each pass that
+        changed the graph (verification raises there)."""
+        in_place = isinstance(model, LeanModel)
+        lean = _lean(model)
         results: list[PassResult] = []
         for _ in range(self.max_rounds):
             changed = False
             for name, fn in self.passes:
-                graph = import_graph(model)
+                graph = import_graph(lean)
                 result = fn(graph)
                 result.name = name
                 results.append(result)
                 if result.did_change:
                     graph.cleanup().toposort()
-                    model = export_graph(graph, model)
+                    edited = export_graph(graph, lean)
+                    lean.proto, lean.weights = edited.proto, edited.weights
+                del graph
+                gc.collect()  # a gs.Graph is cyclic: collect it now, with the tensors the pass replaced
+                if result.did_change:
                     changed = True
                     if after_each is not None:
-                        after_each(name, model)
+                        after_each(name, lean)
             if not changed:
                 break
-        return model, results
+        return (lean if in_place else lean.to_proto()), results
 
 
 def default_passes(fold: bool = True) -> PassManager:
