@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from surgeon import __version__
+from surgeon.commands.build import build
 from surgeon.commands.common import CONTEXT
 from surgeon.commands.demo import demo
 from surgeon.commands.export import export, verify
@@ -30,6 +31,7 @@ cli.add_command(finetune)
 cli.add_command(demo)
 cli.add_command(export)
 cli.add_command(verify)
+cli.add_command(build)
 
 
 def main() -> None:

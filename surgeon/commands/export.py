@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gc
 import json
+from pathlib import Path
 
 import click
 
+from surgeon.commands.build import engine_options, engine_paths, print_engine_report
 from surgeon.commands.common import CONTEXT, friendly_errors
 
 
@@ -43,9 +45,12 @@ def _print_passes(passes: list[dict]) -> None:
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="Write the passes' report (every candidate, what was done or why not) and the checks as JSON.")
 @click.option("--trust-code", is_flag=True, help="Allow importing the user code the checkpoint was grown from.")
+@click.option("--trt", is_flag=True, help="Also build a TensorRT engine (see `surgeon build`); -o may then name the .engine.")
+@engine_options
 @friendly_errors
 def export(grown: str, output: str | None, opset: int, calib: str | None, batch_range: str, precision: str,
-           no_fold: bool, report: str | None, trust_code: bool) -> None:
+           no_fold: bool, report: str | None, trust_code: bool, trt: bool, plugin: str, timing_cache: str | None,
+           workspace_mb: int | None, builder: str) -> None:
     """Export a grown checkpoint to ONNX: dynamic batch, inputs `images` → `logits`, class names and
     preprocessing in the metadata, each GrowNorm one `surgeon::GrowNorm` node backed by a local
     function (ONNX Runtime runs the file as is). The file is written only after ONNX Runtime matches
@@ -54,10 +59,21 @@ def export(grown: str, output: str | None, opset: int, calib: str | None, batch_
     \b
     Example:
       surgeon export runs/wide/grown.pt -o runs/wide/model.onnx --calib ~/data/flowers/val
+      surgeon export runs/wide/grown.pt --trt --precision fp16 --batch 1:8:32
     """
     from surgeon.export.onnx_export import BatchRange, export_checkpoint
     from surgeon.fileio import atomic_write_text
 
+    engine = None
+    if trt:
+        from surgeon.trt.build import choose_grownorm
+        from surgeon.trt.toolkit import find_toolkit
+
+        if plugin == "on":  # fail before the export if the engine cannot be built as asked
+            choose_grownorm(find_toolkit(builder), plugin, nodes=1)
+        else:
+            find_toolkit(builder)
+        output, engine = (str(p) for p in engine_paths(output, Path(grown).with_name("model.onnx")))
     result = export_checkpoint(grown, output, opset=opset, trust_code=trust_code, calib=calib, fold=not no_fold,
                                precision=precision, batch=BatchRange.parse(batch_range))
     click.echo(f"wrote {result.path} ({precision}, {result.grownorm_nodes} GrowNorm node(s), opset {opset})")
@@ -65,11 +81,20 @@ def export(grown: str, output: str | None, opset: int, calib: str | None, batch_
     click.echo(f"  ops before passes: {_ops(result.ops_before)}")
     click.echo(f"  ops after passes:  {_ops(result.ops_after)}")
     _print_checks(result.verifications)
+    built = None
+    if engine:
+        from surgeon.trt.build import build_engine
+
+        built = build_engine(result.path, engine, batch=BatchRange.parse(batch_range), plugin=plugin,
+                             timing_cache=timing_cache, workspace_mb=workspace_mb, builder=builder)
+        click.echo(f"wrote {built.engine}")
+        print_engine_report(built)
     if report:
         atomic_write_text(report, json.dumps({
             "onnx": str(result.path), "grownorm_nodes": result.grownorm_nodes, "passes": result.passes,
             "ops_before": result.ops_before, "ops_after": result.ops_after,
-            "verification": [c.__dict__ | {"ok": c.ok} for c in result.verifications]}, indent=2, ensure_ascii=False))
+            "verification": [c.__dict__ | {"ok": c.ok} for c in result.verifications],
+            **({"engine": built.to_dict()} if built else {})}, indent=2, ensure_ascii=False))
 
 
 @click.command("verify", context_settings=CONTEXT)

@@ -1,0 +1,1 @@
+"""TensorRT engines: ``build_engine`` (ONNX → engine) with full TensorRT or TensorRT-RTX."""
