@@ -6,7 +6,8 @@ group for a deepened layer)::
     x̂_g = x_g / max(‖x_g‖₂, eps)     (norm over the group's channels, per sample and position)
     y_c = γ_c · x̂_c                   (one learned scale per channel)
 
-This composite is the reference implementation (the CPU path and the oracle for fused kernels).
+This composite is the reference implementation (the CPU path and the oracle for fused kernels);
+on CUDA, :class:`GrowNorm` runs the fused Triton kernel of ``plugins/`` (``surgeon_plugins``).
 ``max(‖x‖, eps)`` is computed as ``sqrt(max(‖x‖², eps²))`` so an all-zero group (common after a
 ReLU) has a finite gradient: the clamp cuts the gradient through the norm instead of 0·inf.
 """
@@ -55,6 +56,29 @@ def grow_norm(
     scaled = [p * s for p, s in zip(parts, scales)]
     y = scaled[0] if len(scaled) == 1 else torch.cat(scaled, dim=1)
     return y.to(x.dtype)
+
+
+_FUSED: dict[str, object] = {"enabled": True}
+
+
+def use_fused_kernel(enabled: bool) -> None:
+    """On CUDA, GrowNorm modules run the fused Triton kernel (forward and backward) when it can be
+    imported; ``use_fused_kernel(False)`` makes them run the composite instead (for comparisons)."""
+    _FUSED["enabled"] = bool(enabled)
+
+
+def fused_kernel():
+    """The fused kernel's ``grow_norm_triton(x, groups, gamma, eps)``, or None (disabled, or no
+    Triton / no ``surgeon_plugins``)."""
+    if not _FUSED["enabled"]:
+        return None
+    if "fn" not in _FUSED:
+        try:
+            from surgeon_plugins.grownorm_kernel import grow_norm_triton
+        except ImportError:
+            grow_norm_triton = None
+        _FUSED["fn"] = grow_norm_triton
+    return _FUSED["fn"]
 
 
 @torch.library.custom_op("surgeon::grow_norm", mutates_args=())
@@ -106,6 +130,8 @@ class GrowNorm(nn.Module):
         if torch.compiler.is_exporting():
             gamma = self.gamma if self.gamma is not None else x.new_ones(self.channels)
             return grow_norm_op(x, gamma, list(self.groups), self.eps)
+        if not isinstance(x, torch.fx.Proxy) and x.is_cuda and fused_kernel() is not None:  # fx traces the composite
+            return fused_kernel()(x, self.groups, self.gamma, self.eps)
         return grow_norm(x, self.groups, self.gamma, self.eps)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,117 @@
+"""The TensorRT plugin ``surgeon::GrowNorm``.
+
+Everywhere: the PTX it embeds for each tactic and input layout compiles for sm_80/sm_90 and has the
+parameters TensorRT passes (``X, GAMMA, N, S, Y`` plus Triton's two unused scratch pointers), and
+surgeon's builder says why the plugin cannot be used when it cannot.
+
+With full TensorRT and a GPU (skipped otherwise; the one command to verify it there is
+``pytest tests/plugins/test_grownorm_trt.py``): the plugin registers, an exported grown model builds
+with one plugin layer per GrowNorm node, and the engine — deserialized in a fresh process that never
+imports the plugin's Python code — matches ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from surgeon.trt.plugin import plugin_status
+from surgeon.trt.toolkit import Toolkit
+
+pytest.importorskip("triton")
+
+
+@pytest.mark.parametrize("shape, groups, rows", [((-1, 5120), (4096, 1024), True), ((-1, 576, 7, 7), (512, 64), False),
+                                                 ((-1, 3, 5, 5), (1, 2), False)])
+@pytest.mark.parametrize("arch", [80, 90])
+def test_aot_kernel_for_every_tactic(gk, shape, groups, rows, arch):
+    from surgeon_plugins.grownorm_trt import TACTICS, aot_kernel
+
+    seen = set()
+    for tactic in TACTICS:
+        name, ptx, cfg, info = aot_kernel(groups, 1e-6, "fp32", shape, tactic, arch)
+        assert cfg.rows == rows and info["params"] == ("X", "GAMMA", "N", "S", "Y")
+        assert f".entry {name}" in ptx and info["target"].startswith(f"sm_{arch}")
+        assert len(gk.ptx_entry_params(ptx, name)) == 5 + info["hidden_params"]
+        assert info["global_scratch_size"] == info["profile_scratch_size"] == 0
+        assert info["block"] == 32 * info["num_warps"] and cfg.block_c * cfg.block_s <= TACTICS[tactic]
+        seen.add((cfg.block_c, cfg.block_s))
+    if max(groups) >= 64:
+        assert len(seen) > 1  # the tactics are different kernels (tiny groups fit one tile whatever the budget)
+
+
+def test_aot_kernel_fp16_and_dynamic_spatial(gk):
+    from surgeon_plugins.grownorm_trt import aot_kernel, spatial_size
+
+    assert spatial_size((-1, 8)) == 1 and spatial_size((-1, 8, 3, 4)) == 12 and spatial_size((2, 8, -1, 4)) is None
+    _, ptx, cfg, _ = aot_kernel((6, 2), 1e-5, "fp16", (-1, 8, -1, -1), 1, 90)
+    assert not cfg.rows and ".f16" in ptx
+
+
+def test_builder_says_why_the_plugin_cannot_be_used():
+    old = Toolkit("tensorrt", types.SimpleNamespace(__version__="10.3.0"), ahead_of_time=False)
+    assert plugin_status(old) == (False, "TensorRT 10.3.0 cannot embed Python plugins ahead of time (10.9 or later is needed)")
+    rtx = Toolkit("tensorrt-rtx", types.SimpleNamespace(__version__="1.7"), ahead_of_time=True)
+    assert plugin_status(rtx) == (False, "TensorRT-RTX has no plugin layers")
+
+
+# -- full TensorRT on a GPU -----------------------------------------------------------------------
+
+_RUN_ENGINE = """
+import json, sys
+import numpy as np, tensorrt as trt, torch
+engine_path, x_path = sys.argv[1], sys.argv[2]
+logger = trt.Logger(trt.Logger.ERROR)
+engine = trt.Runtime(logger).deserialize_cuda_engine(open(engine_path, "rb").read())
+assert engine is not None, "engine did not deserialize"
+ctx = engine.create_execution_context()
+x = torch.from_numpy(np.load(x_path)).cuda().contiguous()
+ctx.set_input_shape("images", tuple(x.shape))
+y = torch.empty(tuple(ctx.get_tensor_shape("logits")), device="cuda", dtype=torch.float32)
+ctx.set_tensor_address("images", x.data_ptr())
+ctx.set_tensor_address("logits", y.data_ptr())
+stream = torch.cuda.Stream()
+assert ctx.execute_async_v3(stream.cuda_stream)
+stream.synchronize()
+np.save(x_path + ".out.npy", y.cpu().numpy())
+print(json.dumps({"plugin_modules": sorted(m for m in sys.modules if m.startswith(("surgeon", "tensorrt.plugin")))}))
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_engine_with_the_plugin_runs_without_python_plugin_code(tmp_path, precision):
+    trt = pytest.importorskip("tensorrt")
+    pytest.importorskip("tensorrt.plugin")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import onnxruntime as ort
+
+    from surgeon.export.onnx_export import export_checkpoint
+    from surgeon.grow.recipe import GrowStep
+    from surgeon.trt.build import build_engine
+    from tests.export.test_onnx_export import _grown_checkpoint
+
+    ckpt = _grown_checkpoint(tmp_path / "g.pt", [GrowStep("wide", "classifier.0", 32), GrowStep("wide", "features.8", 8)])
+    onnx_path = export_checkpoint(ckpt, tmp_path / "m.onnx", precision=precision).path
+    report = build_engine(onnx_path, builder="tensorrt", plugin="on")
+    assert report.grownorm_impl == "plugin" and report.plugin_layers == report.grownorm_nodes == 2
+    assert trt.get_plugin_registry().get_creator("GrowNorm", "1", "surgeon") is not None
+
+    x = np.random.default_rng(0).normal(size=(5, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    proc = subprocess.run([sys.executable, "-c", _RUN_ENGINE, report.engine, str(tmp_path / "x.npy")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["plugin_modules"] == []  # self-contained engine
+    got = np.load(tmp_path / "x.npy.out.npy")
+    want = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    tolerance = 1e-4 if precision == "fp32" else 1e-2
+    assert np.abs(got - want).max() <= tolerance * np.abs(want).max()
