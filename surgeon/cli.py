@@ -11,6 +11,7 @@ from surgeon.commands.demo import demo
 from surgeon.commands.export import export, verify
 from surgeon.commands.finetune import finetune
 from surgeon.commands.layers import layers
+from surgeon.commands.predict import bench, predict
 
 
 @click.group(context_settings=CONTEXT)
@@ -32,6 +33,8 @@ cli.add_command(demo)
 cli.add_command(export)
 cli.add_command(verify)
 cli.add_command(build)
+cli.add_command(predict)
+cli.add_command(bench)
 
 
 def main() -> None:

@@ -47,10 +47,13 @@ def _print_passes(passes: list[dict]) -> None:
 @click.option("--trust-code", is_flag=True, help="Allow importing the user code the checkpoint was grown from.")
 @click.option("--trt", is_flag=True, help="Also build a TensorRT engine (see `surgeon build`); -o may then name the .engine.")
 @engine_options
+@click.option("--triton-repo", type=click.Path(file_okay=False), default=None,
+              help="Also write a Triton Inference Server model repository (config.pbtxt, labels, the model) here.")
+@click.option("--triton-name", default=None, help="Model name in --triton-repo [default: the checkpoint's folder name].")
 @friendly_errors
 def export(grown: str, output: str | None, opset: int, calib: str | None, batch_range: str, precision: str,
            no_fold: bool, report: str | None, trust_code: bool, trt: bool, plugin: str, timing_cache: str | None,
-           workspace_mb: int | None, builder: str) -> None:
+           workspace_mb: int | None, builder: str, triton_repo: str | None, triton_name: str | None) -> None:
     """Export a grown checkpoint to ONNX: dynamic batch, inputs `images` → `logits`, class names and
     preprocessing in the metadata, each GrowNorm one `surgeon::GrowNorm` node backed by a local
     function (ONNX Runtime runs the file as is). The file is written only after ONNX Runtime matches
@@ -60,6 +63,7 @@ def export(grown: str, output: str | None, opset: int, calib: str | None, batch_
     Example:
       surgeon export runs/wide/grown.pt -o runs/wide/model.onnx --calib ~/data/flowers/val
       surgeon export runs/wide/grown.pt --trt --precision fp16 --batch 1:8:32
+      surgeon export runs/wide/grown.pt --triton-repo model_repository --triton-name flowers
     """
     from surgeon.export.onnx_export import BatchRange, export_checkpoint
     from surgeon.fileio import atomic_write_text
@@ -89,6 +93,12 @@ def export(grown: str, output: str | None, opset: int, calib: str | None, batch_
                              timing_cache=timing_cache, workspace_mb=workspace_mb, builder=builder)
         click.echo(f"wrote {built.engine}")
         print_engine_report(built)
+    if triton_repo:
+        from surgeon.runtime.triton_repo import write_repository
+
+        name = triton_name or Path(grown).resolve().parent.name or Path(grown).stem
+        folder, note = write_repository(triton_repo, result.path, engine=built.engine if built else None, name=name)
+        click.echo(f"wrote Triton model repository {folder}" + (f" ({note})" if note else ""))
     if report:
         atomic_write_text(report, json.dumps({
             "onnx": str(result.path), "grownorm_nodes": result.grownorm_nodes, "passes": result.passes,

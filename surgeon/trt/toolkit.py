@@ -35,7 +35,7 @@ class Toolkit:
         return f"TensorRT {self.version} on {_gpu_name()}"
 
     def logger(self) -> "CollectingLogger":
-        return _logger(self.module)
+        return logger_for(self.module)
 
 
 def _import(name: str) -> ModuleType | None:
@@ -109,7 +109,7 @@ class CollectingLogger:
 _LOGGERS: dict[str, CollectingLogger] = {}
 
 
-def _logger(trt: ModuleType) -> CollectingLogger:
+def logger_for(trt: ModuleType) -> CollectingLogger:
     # TensorRT keeps the first logger a process gives it: make exactly one per module, and reuse it.
     if trt.__name__ not in _LOGGERS:
         _LOGGERS[trt.__name__] = CollectingLogger(trt)

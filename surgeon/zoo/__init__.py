@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,10 @@ from surgeon.grow.recipe import Step
 from surgeon.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 BUILTIN_ARCHS = ("digitnet",)
-# --weights DEFAULT for a built-in architecture: the checkpoint shipped in models/ (source checkouts).
-SHIPPED_WEIGHTS = {"digitnet": Path(__file__).resolve().parents[2] / "models" / "digitnet.pt"}
+# --weights DEFAULT for a built-in architecture: the checkpoint shipped in models/ (source checkouts;
+# an installed package, e.g. the Docker image, points SURGEON_MODELS at its copy of models/).
+MODELS_DIR = Path(os.environ.get("SURGEON_MODELS") or Path(__file__).resolve().parents[2] / "models")
+SHIPPED_WEIGHTS = {"digitnet": MODELS_DIR / "digitnet.pt"}
 DIGITS_PREPROCESSING = Preprocessing(input_size=32, resize=32, mean=(0.25, 0.25, 0.25), std=(0.35, 0.35, 0.35))
 
 
