@@ -12,6 +12,7 @@ from surgeon.commands.export import export, verify
 from surgeon.commands.finetune import finetune
 from surgeon.commands.layers import layers
 from surgeon.commands.predict import bench, predict
+from surgeon.commands.serve import serve
 
 
 @click.group(context_settings=CONTEXT)
@@ -35,6 +36,7 @@ cli.add_command(verify)
 cli.add_command(build)
 cli.add_command(predict)
 cli.add_command(bench)
+cli.add_command(serve)
 
 
 def main() -> None:

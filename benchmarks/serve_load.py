@@ -1,0 +1,173 @@
+"""`surgeon serve` under load: throughput and latency percentiles at concurrency 1, 8 and 32 (HTTP
+client threads, one float-tensor request of batch 1 each), against direct ``Session.run`` calls at
+the same concurrency in this process. The server runs three times: without batching
+(``--max-batch 1``), and with ``--max-batch 32`` at ``--max-queue-delay-us 0`` (batches only what
+is already queued) and ``2000`` (waits up to 2 ms to fill a batch).
+
+Model: DigitNet with fc6 (``classifier.0``) widened by 16 units, 4 classes, 32x32 input, random
+weights, exported to ONNX (ONNX Runtime on the CPU), unless ``--model`` names another artifact.
+Client and server share this machine's cores, so the ratios are what one box sees, not the network.
+
+    python benchmarks/serve_load.py [--requests 300] [--model model.onnx] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from surgeon.checkpoint import Checkpoint, save_checkpoint
+from surgeon.export.onnx_export import export_checkpoint
+from surgeon.grow.analysis import trace
+from surgeon.grow.ops import GrowthState, apply_steps
+from surgeon.grow.recipe import GrowStep, HeadStep
+from surgeon.runtime import Session
+from surgeon.runtime.serve import free_base_port
+from surgeon.zoo import DIGITS_PREPROCESSING, build_architecture
+
+CONCURRENCY = (1, 8, 32)
+# Triton's dynamic batcher with a zero delay still batches the requests already queued, so batching
+# is really off only with --max-batch 1.
+SETTINGS = (("max-batch 1 (no batching)", 1, 0), ("max-batch 32, delay 0us", 32, 0),
+            ("max-batch 32, delay 2000us", 32, 2000))
+
+
+def grown_onnx(d: Path) -> Path:
+    torch.manual_seed(0)
+    gm = trace(build_architecture("surgeon:digitnet"))
+    steps = [HeadStep(classes=4), GrowStep("wide", "classifier.0", 16, gamma_init=10.0)]
+    apply_steps(gm, steps, GrowthState(32))
+    ckpt = save_checkpoint(d / "grown.pt", Checkpoint("surgeon:digitnet", "none", steps, list("abcd"),
+                                                      DIGITS_PREPROCESSING, gm.state_dict()))
+    return Path(export_checkpoint(ckpt, d / "model.onnx").path)
+
+
+def ready(port: int, name: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{name}/ready", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def load(call, concurrency: int, requests: int) -> dict:
+    """``requests`` calls of ``call(thread_state)`` spread over ``concurrency`` threads."""
+    lat: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    counter = iter(range(requests))
+
+    def worker() -> None:
+        nonlocal errors
+        state: dict = {}
+        mine, bad = [], 0
+        while True:
+            with lock:
+                if next(counter, None) is None:
+                    break
+            t0 = time.perf_counter()
+            try:
+                call(state)
+            except Exception:  # noqa: BLE001 - counted
+                bad += 1
+            mine.append(time.perf_counter() - t0)
+        with lock:
+            lat.extend(mine)
+            errors += bad
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ms = np.array(lat) * 1e3
+    return {"concurrency": concurrency, "requests": len(lat), "errors": errors, "throughput": len(lat) / wall,
+            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+def http_call(port: int, name: str, x: np.ndarray):
+    import tritonclient.http as httpclient
+
+    def call(state: dict) -> None:
+        if "client" not in state:
+            state["client"] = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+        inp = httpclient.InferInput("images", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        state["client"].infer(name, [inp]).as_numpy("logits")
+
+    return call
+
+
+def serve_rows(model: Path, label: str, max_batch: int, delay: int, log, log_path: Path, x: np.ndarray,
+               direct: dict, requests: int) -> list[dict]:
+    port, rows = free_base_port(), []
+    cmd = [sys.executable, "-m", "surgeon", "serve", str(model), "--port", str(port), "--name", "m",
+           "--max-batch", str(max_batch), "--max-queue-delay-us", str(delay), "--backend", "ort-cpu"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not ready(port, "m"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"surgeon serve did not start:\n{log_path.read_text()[-2000:]}")
+            time.sleep(0.5)
+        call = http_call(port, "m", x)
+        for c in CONCURRENCY:
+            load(call, c, 20)  # warm-up (connections, first batches)
+            r = load(call, c, requests)
+            r["throughput_vs_direct"] = r["throughput"] / direct[c]["throughput"]
+            r["p99_vs_direct"] = r["p99_ms"] / direct[c]["p99_ms"]
+            rows.append({"setting": f"serve, {label}", **r})
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=300, help="Requests per cell.")
+    ap.add_argument("--model", default=None, help="An artifact to serve [default: the grown DigitNet, exported].")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(args.model) if args.model else grown_onnx(Path(tmp))
+        session = Session(model, "ort-cpu")
+        x = np.random.default_rng(0).standard_normal((1, *session.artifact.input_shape)).astype(np.float32)
+        direct = {}
+        for c in CONCURRENCY:
+            load(lambda s: session.run(x), c, 20)  # warm-up
+            direct[c] = load(lambda s: session.run(x), c, args.requests)
+            rows.append({"setting": "direct Session.run", **direct[c]})
+        for label, max_batch, delay in SETTINGS:
+            log_path = Path(tmp) / f"serve-{max_batch}-{delay}.log"
+            with log_path.open("wb") as log:
+                rows += serve_rows(model, label, max_batch, delay, log, log_path, x, direct, args.requests)
+    print(f"{'setting':<42} {'conc':>4} {'req':>5} {'err':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'req/s vs direct':>16} {'p99 vs direct':>14}")
+    for r in rows:
+        extra = (f"{r['throughput_vs_direct']:>16.3f} {r['p99_vs_direct']:>14.1f}" if "throughput_vs_direct" in r
+                 else f"{'':>16} {'':>14}")
+        print(f"{r['setting']:<42} {r['concurrency']:>4} {r['requests']:>5} {r['errors']:>4} {r['throughput']:>9.1f} "
+              f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {extra}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": str(args.model or "digitnet wide classifier.0 +16, 32x32"),
+                                               "requests_per_cell": args.requests, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
