@@ -5,8 +5,10 @@ from __future__ import annotations
 import click
 
 from surgeon import __version__
+from surgeon.commands.analyze import analyze
 from surgeon.commands.build import build
 from surgeon.commands.common import CONTEXT
+from surgeon.commands.compare import compare
 from surgeon.commands.demo import demo
 from surgeon.commands.export import export, verify
 from surgeon.commands.finetune import finetune
@@ -37,6 +39,8 @@ cli.add_command(build)
 cli.add_command(predict)
 cli.add_command(bench)
 cli.add_command(serve)
+cli.add_command(analyze)
+cli.add_command(compare)
 
 
 def main() -> None:

@@ -253,6 +253,8 @@ def finetune(config: FinetuneConfig, *, resume: str | Path | None = None, progre
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         if d.main:
             out.mkdir(parents=True, exist_ok=True)
+            # What this run is (surgeon compare groups runs that differ only in their seed by it).
+            atomic_write_text(out / "run.json", json.dumps(config.to_dict(), indent=2))
         val_loader = _loader(prepared.data.val, config, shuffle=False, epoch=0, d=d, device=device)
         for epoch in range(start, config.epochs):
             t0 = time.perf_counter()

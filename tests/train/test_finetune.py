@@ -54,6 +54,8 @@ def test_cli_finetune_writes_every_output(tmp_path):
     assert len(rows) == 1 and {"epoch", "train_loss", "val_loss", "val_acc", "lr", "gamma"} <= set(rows[0])
     assert rows[0]["lr_new"] == pytest.approx(10 * rows[0]["lr"])
     assert "classifier_3_norm" in rows[0]["gamma"]
+    run = json.loads((out / "run.json").read_text())  # what surgeon compare groups runs by
+    assert run["grow"][-1]["units"] == 32 and run["epochs"] == 1 and run["output_dir"] == str(out)
     with Image.open(out / "curves.png") as img:
         assert img.format == "PNG" and img.size[0] > 300
     raw = torch.load(out / "grown.pt", weights_only=True)
