@@ -40,20 +40,15 @@ class OrtRunner:
     """An ONNX Runtime (CPU) session that feeds a LeanModel's weights along with the input."""
 
     def __init__(self, model: LeanModel | onnx.ModelProto | str | Path):
-        import onnxruntime as ort
+        from surgeon.runtime.backends.ort import open_session
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
         if isinstance(model, onnx.ModelProto):
             model = LeanModel.from_proto(model)
         elif not isinstance(model, LeanModel) and _has_external_data(Path(model)):
             model = LeanModel.load(model)  # mapped tensors as feeds: no second copy of a large model
         self._weights = model.weights if isinstance(model, LeanModel) else {}
         source = model.proto.SerializeToString() if isinstance(model, LeanModel) else str(model)
-        try:
-            self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise SurgeonError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from None
+        self.session = open_session(source, ["CPUExecutionProvider"])
         self.input_name = next(i.name for i in self.session.get_inputs() if i.name not in self._weights)
 
     def run(self, x: np.ndarray) -> np.ndarray:

@@ -25,24 +25,29 @@ def available(backend: str) -> str | None:
     return _INSTALL.get(backend, "pip install onnxruntime") if missing else None
 
 
+def open_session(source: str | bytes, providers: list[str], threads: int | None = None, what: str = "the model"):
+    """An ONNX Runtime session (quiet logging) or a one-line SurgeonError naming ``what``."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(source, opts, providers=providers)
+    except Exception as exc:
+        raise SurgeonError(f"ONNX Runtime cannot load {what}: {str(exc).splitlines()[0][:300]}") from None
+
+
 class OrtRunner:
     """ONNX Runtime session over a model file (external data read from beside it). ``run`` is
     thread-safe: ONNX Runtime sessions allow concurrent runs."""
 
     def __init__(self, path: Path, backend: str, input_name: str, threads: int | None = None):
-        import onnxruntime as ort
-
         why = available(backend)
         if why:
             raise SurgeonError(f"backend {backend} is not available here: {why}")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=PROVIDERS[backend])
-        except Exception as exc:
-            raise SurgeonError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0][:300]}") from None
+        self.session = open_session(str(path), PROVIDERS[backend], threads, what=str(path))
         self.backend = backend
         self.input_name = input_name
         self.dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
