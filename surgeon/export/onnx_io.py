@@ -22,3 +22,9 @@ def load_onnx(path: str | Path, *, load_external_data: bool = True) -> onnx.Mode
     if not proto.graph.node:
         raise SurgeonError(f"{p} is not a readable ONNX model (it has no graph)")
     return proto
+
+
+def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The graph inputs a caller feeds (not initializers that older files also list as inputs)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]

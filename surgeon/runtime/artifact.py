@@ -68,11 +68,10 @@ def read_artifact(path: str | Path) -> Artifact:
         raise SurgeonError(f"{p} is a directory, not a model file")
     suffix = p.suffix.lower()
     if suffix == ".onnx":
-        from surgeon.export.onnx_io import load_onnx
+        from surgeon.export.onnx_io import load_onnx, model_inputs
 
         header = load_onnx(p, load_external_data=False)
-        initializers = {t.name for t in header.graph.initializer}
-        inputs = [i for i in header.graph.input if i.name not in initializers]
+        inputs = model_inputs(header)
         dims = inputs[0].type.tensor_type.shape.dim if inputs else []
         size = dims[-1].dim_value if len(dims) == 4 and dims[-1].HasField("dim_value") else None
         out_dims = header.graph.output[0].type.tensor_type.shape.dim if header.graph.output else []

@@ -20,7 +20,7 @@ import onnx
 from surgeon.errors import SurgeonError
 from surgeon.export.grownorm_op import DOMAIN, OP_TYPE
 from surgeon.export.onnx_export import BatchRange
-from surgeon.export.onnx_io import load_onnx
+from surgeon.export.onnx_io import load_onnx, model_inputs
 from surgeon.fileio import atomic_write, atomic_write_text
 from surgeon.trt.plugin import plugin_status, registered
 from surgeon.trt.toolkit import Toolkit, find_toolkit
@@ -61,14 +61,8 @@ class EngineReport:
         return lines
 
 
-def _read_header(path: Path) -> onnx.ModelProto:
-    """The graph and metadata; tensors kept in ``<name>.data`` files stay on disk."""
-    return load_onnx(path, load_external_data=False)
-
-
 def _input_of(model: onnx.ModelProto) -> tuple[str, list[int]]:
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
+    inputs = model_inputs(model)
     if len(inputs) != 1:
         raise SurgeonError(f"expected one image input, found {len(inputs)}: {', '.join(i.name for i in inputs)}")
     dims = inputs[0].type.tensor_type.shape.dim
@@ -164,7 +158,7 @@ def build_engine(onnx_path: str | Path, output: str | Path | None = None, *, bat
                  workspace_mb: int | None = None, builder: str = "auto") -> EngineReport:
     """Build and write a TensorRT engine for ``onnx_path`` (see the module docstring)."""
     path = Path(onnx_path)
-    header = _read_header(path)
+    header = load_onnx(path, load_external_data=False)  # graph and metadata; external tensors stay on disk
     meta = {p.key: p.value for p in header.metadata_props}
     graph_precision = _graph_precision(header)
     if precision is not None and precision != graph_precision:
