@@ -6,18 +6,27 @@
    ``torch.compile`` of the composite, A/B interleaved, medians; achieved bandwidth as a fraction of
    the device's measured copy bandwidth (targets: ≥ 80 % of copy bandwidth, ≥ 3× eager, not slower
    than torch.compile);
-3. one training step of a grown ResNet50 (``layer4.2.conv1`` +128) with and without the kernel.
+3. one training step of a grown ResNet50 (``layer4.2.conv1`` +128) with and without the kernel;
+4. the PTX a TensorRT engine embeds (``compile_ptx``, Triton's scratch parameters dropped), loaded
+   by the CUDA driver and launched with exactly the arguments TensorRT passes
+   (``surgeon_plugins.aot_launch``): correctness on the cases of 1, and its forward time beside the
+   fused kernel's in 2 — the engine's kernel, checked without TensorRT.
 
     python benchmarks/gpu_check.py --out gpu-results/     # writes gpu_check.json and gpu_check.md
+
+Each part that fails is recorded (with its traceback) and the others still run; the JSON is
+rewritten after every part, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -44,7 +53,19 @@ def _kernel():
     return grow_norm_triton
 
 
+def _aot_kernel(groups, shape, dtype: torch.dtype):
+    """The engine's kernel for this case (default tactic), loaded through the CUDA driver."""
+    from surgeon_plugins.aot_launch import AotKernel
+    from surgeon_plugins.grownorm_trt import DEFAULT_TACTIC, aot_kernel
+
+    major, minor = torch.cuda.get_device_capability()
+    label = {torch.float32: "fp32", torch.float16: "fp16"}[dtype]
+    name, ptx, _, info = aot_kernel(groups, EPS, label, (-1,) + tuple(shape[1:]), DEFAULT_TACTIC, major * 10 + minor)
+    return AotKernel.load(name, ptx, info)
+
+
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.detach(), ref.detach()
     return float((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
@@ -77,6 +98,28 @@ def check_correctness(device: str = "cuda", cases=CHECK_CASES) -> list[dict]:
             rows.append(row)
             print(f"check {row['dtype']} {shape} {groups}: fwd {row['forward_rel_err']:.1e} dx {row['grad_x_rel_err']:.1e} "
                   f"dgamma {row['grad_gamma_rel_err']:.1e} {'ok' if row['ok'] else 'FAIL'}", flush=True)
+    return rows
+
+
+def check_aot(cases=CHECK_CASES) -> list[dict]:
+    """The engine's PTX launched as TensorRT launches it, against the float64 composite (forward)."""
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for dtype in (torch.float32, torch.float16):
+        for shape, groups in cases:
+            x = torch.randn(shape, device="cuda", generator=g).to(dtype)
+            x[0, : groups[0]] = 0
+            gamma = torch.rand(shape[1], device="cuda", generator=g) * 3 + 0.5
+            kernel = _aot_kernel(groups, shape, dtype)
+            y = kernel(x, gamma, torch.full_like(x, float("nan")))
+            torch.cuda.synchronize()
+            kernel.unload()
+            ref = grow_norm(x.double(), groups, gamma.double(), EPS)
+            err = _rel(y, ref)
+            ok = err <= TOLERANCE[dtype][0] and bool(torch.isfinite(y).all())
+            rows.append({"dtype": str(dtype).split(".")[-1], "shape": list(shape), "groups": list(groups),
+                         "forward_rel_err": err, "ok": ok})
+            print(f"aot {rows[-1]['dtype']} {shape} {groups}: fwd {err:.1e} {'ok' if ok else 'FAIL'}", flush=True)
     return rows
 
 
@@ -118,9 +161,18 @@ def _time_case(x: torch.Tensor, gamma: torch.Tensor, groups: tuple[int, ...], ro
     """Median seconds of forward and of forward+backward: fused kernel, eager composite, compiled composite."""
     fused = _kernel()
     compiled = torch.compile(grow_norm, dynamic=False)
-    forward = interleaved({"fused": lambda: fused(x, groups, gamma, EPS),
-                           "eager": lambda: grow_norm(x, groups, gamma, EPS),
-                           "compiled": lambda: compiled(x, groups, gamma, EPS)}, rounds, iters)
+    candidates = {"fused": lambda: fused(x, groups, gamma, EPS),
+                  "eager": lambda: grow_norm(x, groups, gamma, EPS),
+                  "compiled": lambda: compiled(x, groups, gamma, EPS)}
+    aot = None
+    try:
+        aot, out = _aot_kernel(groups, x.shape, x.dtype), torch.empty_like(x)
+        candidates["aot"] = lambda: aot(x, gamma, out)  # writes into a buffer, as in an engine
+    except Exception as exc:  # noqa: BLE001 (the other timings still count)
+        print(f"aot kernel not timed: {exc}", flush=True)
+    forward = interleaved(candidates, rounds, iters)
+    if aot is not None:
+        aot.unload()
     xg, gg = x.clone().requires_grad_(), gamma.clone().requires_grad_()
     gy = torch.randn_like(x)
 
@@ -146,6 +198,8 @@ def time_kernels(copy_bw: float, rounds: int, iters: int) -> list[dict]:
                    "compiled_over_fused": forward["compiled"] / forward["fused"],
                    "train_eager_over_fused": both["eager"] / both["fused"],
                    "train_compiled_over_fused": both["compiled"] / both["fused"]}
+            if "aot" in forward:
+                row["aot_bandwidth_fraction"] = moved / forward["aot"] / copy_bw
             rows.append(row)
             print(f"time {row['dtype']} {shape}: fused {forward['fused'] * 1e6:.1f} us "
                   f"({row['fused_bandwidth_fraction']:.0%} of copy bw), eager/fused {row['eager_over_fused']:.2f}, "
@@ -192,16 +246,32 @@ def training_step(rounds: int, batch: int) -> dict:
 def markdown(report: dict) -> str:
     lines = [(f"GPU check on {report['device']} (torch {report['torch']}, triton {report['triton']}); "
               f"copy bandwidth {report['copy_bandwidth_gbs']:.0f} GB/s"), "",
-             "| dtype | shape | fused fwd | % copy bw | eager ÷ fused | compile ÷ fused | fwd+bwd eager ÷ fused | fwd+bwd compile ÷ fused |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in report["timing"]:
+             ("| dtype | shape | fused fwd | % copy bw | engine kernel % copy bw | eager ÷ fused | compile ÷ fused "
+              "| fwd+bwd eager ÷ fused | fwd+bwd compile ÷ fused |"),
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report.get("timing", []):
+        aot = f"{r['aot_bandwidth_fraction']:.0%}" if "aot_bandwidth_fraction" in r else "—"
         lines.append(f"| {r['dtype']} | {r['shape']} | {r['forward_s']['fused'] * 1e6:.1f} µs | "
-                     f"{r['fused_bandwidth_fraction']:.0%} | {r['eager_over_fused']:.2f} | {r['compiled_over_fused']:.2f} | "
-                     f"{r['train_eager_over_fused']:.2f} | {r['train_compiled_over_fused']:.2f} |")
-    t = report["training"]
-    lines += ["", f"Training step, {t['model']}, batch {t['batch']}: composite ÷ fused = {t['composite_over_fused']:.3f}",
-              "", f"Correctness: {sum(r['ok'] for r in report['checks'])}/{len(report['checks'])} cases within tolerance"]
+                     f"{r['fused_bandwidth_fraction']:.0%} | {aot} | {r['eager_over_fused']:.2f} | "
+                     f"{r['compiled_over_fused']:.2f} | {r['train_eager_over_fused']:.2f} | {r['train_compiled_over_fused']:.2f} |")
+    if "training" in report:
+        t = report["training"]
+        lines += ["", f"Training step, {t['model']}, batch {t['batch']}: composite ÷ fused = {t['composite_over_fused']:.3f}"]
+    for key, label in (("checks", "Fused kernel (autograd op), forward and backward"),
+                       ("aot_checks", "Engine kernel (AOT PTX, TensorRT's launch), forward")):
+        if key in report:
+            lines += ["", f"{label}: {sum(r['ok'] for r in report[key])}/{len(report[key])} cases within tolerance"]
+    for key, error in report.get("errors", {}).items():
+        lines += ["", f"**{key} failed**: {error.strip().splitlines()[-1]}"]
     return "\n".join(lines) + "\n"
+
+
+def _write(out: Path, report: dict) -> None:
+    """gpu_check.json and gpu_check.md, each replaced atomically."""
+    for name, text in (("gpu_check.json", json.dumps(report, indent=2)), ("gpu_check.md", markdown(report))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
 
 
 def main() -> None:
@@ -219,17 +289,23 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                    "python": platform.python_version()}
-    report["checks"] = check_correctness()
-    report["copy_bandwidth_gbs"] = copy_bandwidth() / 1e9
-    report["timing"] = time_kernels(report["copy_bandwidth_gbs"] * 1e9, args.rounds, args.iters)
-    report["training"] = training_step(args.rounds, args.batch)
-    report["wall_s"] = time.time() - t0
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
-    (out / "gpu_check.md").write_text(markdown(report))
+                    "python": platform.python_version(), "copy_bandwidth_gbs": copy_bandwidth() / 1e9, "errors": {}}
+    parts = [("checks", check_correctness), ("aot_checks", check_aot),
+             ("timing", lambda: time_kernels(report["copy_bandwidth_gbs"] * 1e9, args.rounds, args.iters)),
+             ("training", lambda: training_step(args.rounds, args.batch))]
+    for key, part in parts:
+        try:
+            report[key] = part()
+        except Exception:  # noqa: BLE001 (recorded; the other parts still run)
+            report["errors"][key] = traceback.format_exc()
+            print(f"{key} failed:\n{report['errors'][key]}", flush=True)
+        report["wall_s"] = time.time() - t0
+        _write(out, report)
     print(markdown(report))
-    if not all(r["ok"] for r in report["checks"]):
-        raise SystemExit("some correctness checks failed (see gpu_check.json)")
+    failed = [r for key in ("checks", "aot_checks") for r in report.get(key, []) if not r["ok"]]
+    if failed or report["errors"]:
+        raise SystemExit(f"{len(failed)} correctness cases out of tolerance, {len(report['errors'])} parts failed "
+                         "(see gpu_check.json)")
 
 
 if __name__ == "__main__":

@@ -60,9 +60,11 @@ TensorRT
 :func:`compile_ptx` compiles the forward ahead of time (no GPU needed; Triton bundles ``ptxas``)
 for a kernel whose parameters are the input pointers ``X, GAMMA``, the int32 scalars ``N, S`` and
 the output pointer ``Y`` (:data:`grownorm_fwd_qdp_kernel`): TensorRT's Python plugin API launches an
-ahead-of-time kernel with its inputs, then the extra scalar arguments, then its outputs.  Triton
-appends two hidden pointer parameters (global and profile scratch) to every kernel; see
-:func:`compile_ptx`.
+ahead-of-time kernel with its inputs, then the extra scalar arguments, then its outputs, and
+nothing more.  Triton appends two hidden pointer parameters (global and profile scratch) to every
+kernel; this kernel uses neither, so :func:`compile_ptx` drops them from the PTX's ``.entry`` and
+the kernel takes exactly the five arguments TensorRT passes (a launch with fewer arguments than the
+kernel declares would make the driver read past TensorRT's argument array).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ import functools
 import math
 import re
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -314,11 +316,12 @@ class BlockConfig:
     block_s: int  # positions (S > 1) or samples (S == 1) per program
     num_warps: int
 
-    def grid(self, n: int, s: int) -> tuple[int, int, int]:
-        """Launch grid for ``N`` samples of ``S`` positions."""
+    def grid(self, n: Any, s: Any, cdiv: Callable[[Any, int], Any] = triton.cdiv) -> tuple[Any, int, int]:
+        """Launch grid for ``N`` samples of ``S`` positions.  ``cdiv``: ceiling division over the
+        type of ``n``/``s`` (TensorRT's plugin passes its symbolic shape expressions and ``trtp.cdiv``)."""
         if self.rows:
-            return (triton.cdiv(n, self.block_s), 1, 1)
-        return (n * triton.cdiv(s, self.block_s), 1, 1)
+            return (cdiv(n, self.block_s), 1, 1)
+        return (n * cdiv(s, self.block_s), 1, 1)
 
 
 def block_config(
@@ -593,6 +596,47 @@ def ptx_entry_params(ptx: str, kernel_name: str) -> list[str]:
     return [p.strip() for p in match.group(1).split(",") if p.strip()]
 
 
+def drop_unused_params(ptx: str, kernel_name: str, keep: int) -> str:
+    """``ptx`` with the parameters of ``.entry kernel_name`` after the first ``keep`` removed.
+
+    Each removed parameter must be unreferenced in the module (declared, never loaded): otherwise
+    the kernel needs it and a ``ValueError`` says which.
+    """
+    params = ptx_entry_params(ptx, kernel_name)
+    if keep > len(params):
+        raise ValueError(f".entry {kernel_name} has {len(params)} parameters, cannot keep {keep}")
+    for index in range(keep, len(params)):
+        name = f"{kernel_name}_param_{index}"
+        if len(re.findall(r"\b" + re.escape(name) + r"\b", ptx)) != 1:
+            raise ValueError(f"{name} ({params[index]}) is used by the kernel and cannot be dropped")
+    match = re.search(r"(\.entry\s+" + re.escape(kernel_name) + r"\s*\()([^)]*)(\))", ptx)
+    assert match is not None  # ptx_entry_params found it
+    kept = ",\n".join("\t" + p for p in params[:keep])
+    return ptx[: match.start(2)] + "\n" + kept + "\n" + ptx[match.end(2):]
+
+
+def assemble_ptx(ptx: str, arch: int) -> bytes:
+    """A cubin for the PTX's own ``.target``, assembled by the ``ptxas`` Triton ships (no GPU needed)."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    target = _ptx_directive(ptx, ".target")
+    if target is None:
+        raise ValueError("PTX without a .target directive")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = f"{tmp}/kernel.ptx", f"{tmp}/kernel.cubin"
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([get_ptxas(int(arch)).path, f"-arch={target}", "-o", out, src],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ptxas rejected the PTX for {target}: {proc.stderr.strip()[:500]}")
+        with open(out, "rb") as f:
+            return f.read()
+
+
 def _compile(kernel_name: str, runtime: dict[str, str], constexprs: dict[str, Any], arch: int, num_warps: int,
              aligned: Sequence[str] = ()):
     """``triton.compile`` one of this module's kernels for ``sm_<arch>``; no GPU needed.
@@ -641,13 +685,14 @@ def compile_ptx(
     (powers of two).  The kernel's parameters are ``(X, GAMMA, N, S, Y)``.  ``assume_aligned``: promise that the
     three pointers are 16-byte aligned (lets Triton vectorise; TensorRT's buffers are).
 
-    Returns ``(kernel_name, ptx, launch_info)``; ``launch_info`` holds ``arch``, ``target``
+    Returns ``(kernel_name, ptx, launch_info)``; ``launch_info`` holds ``arch``, ``dtype``,
+    ``gamma_dtype``, ``channels`` (C), ``target``
     (``sm_80``/``sm_90a``), ``num_warps``, ``block`` (threads per block, ``num_warps * 32``),
     ``shared_mem`` (dynamic shared memory bytes to launch with), ``block_c``, ``block_s``, ``rows``,
     ``grid`` (callable ``(N, S) -> (gx, 1, 1)``), ``grid_formula`` (text), ``params`` (the runtime
-    parameters in order, ``N``/``S`` int32), ``hidden_params`` (how many parameters Triton appends
-    after them: with Triton 3.8, 2 pointers, global and profile scratch, unused here since both
-    sizes are 0; a launcher that follows the PTX signature passes null for them),
+    parameters in order, ``N``/``S`` int32: the PTX's ``.entry`` declares exactly these),
+    ``hidden_params`` (how many parameters Triton appended and this function dropped: with Triton
+    3.8, 2 pointers, global and profile scratch, unused since both sizes are 0),
     ``global_scratch_size``, ``profile_scratch_size``, ``ptx_version`` and ``cubin`` (the ptxas
     output for the same target, bytes).
     """
@@ -681,9 +726,17 @@ def compile_ptx(
     )
     md = compiled.metadata
     ptx = compiled.asm["ptx"]
+    hidden = len(ptx_entry_params(ptx, md.name)) - len(params)
+    if md.global_scratch_size or md.profile_scratch_size:
+        raise RuntimeError(f"GrowNorm kernel {md.name} needs Triton scratch memory, which an ahead-of-time launch "
+                           "does not provide")
+    ptx = drop_unused_params(ptx, md.name, len(params))
     grid_formula = "grid_x = cdiv(N, BLOCK_S)" if cfg.rows else "grid_x = N * cdiv(S, BLOCK_S)"
     info = {
         "arch": int(arch),
+        "dtype": dtype,
+        "gamma_dtype": gamma_dtype,
+        "channels": sum(groups),
         "target": _ptx_directive(ptx, ".target"),
         "num_warps": md.num_warps,
         "block": md.num_warps * 32,
@@ -694,10 +747,10 @@ def compile_ptx(
         "grid": cfg.grid,
         "grid_formula": grid_formula + " (grid_y = grid_z = 1)",
         "params": params,
-        "hidden_params": len(ptx_entry_params(ptx, md.name)) - len(params),
+        "hidden_params": hidden,
         "global_scratch_size": md.global_scratch_size,
         "profile_scratch_size": md.profile_scratch_size,
         "ptx_version": _ptx_directive(ptx, ".version"),
-        "cubin": compiled.asm.get("cubin"),
+        "cubin": assemble_ptx(ptx, int(arch)),
     }
     return md.name, ptx, info

@@ -5,8 +5,9 @@
   and ``eps`` (FLOAT). ``plugin_namespace``/``plugin_version`` only route the node here.
 - ``aot_impl``: the Triton forward kernel compiled to PTX for the building GPU, with its launch grid
   as shape expressions — TensorRT embeds it, so the engine runs without Python (trtexec, Triton
-  Inference Server). The kernel takes ``(X, GAMMA, N, S, Y)``: inputs, the extra int32 scalars,
-  then the output, as TensorRT launches ahead-of-time plugin kernels.
+  Inference Server). The kernel takes ``(X, GAMMA, N, S, Y)`` and nothing else: inputs, the extra
+  int32 scalars, then the output, as TensorRT launches ahead-of-time plugin kernels (Triton's unused
+  scratch parameters are dropped from the PTX; ``surgeon_plugins.aot_launch`` replays this launch).
 - ``impl``: the same kernel launched from Python on TensorRT's stream (just-in-time plugins).
 - ``autotune``: fp32 or fp16 I/O (γ fp32) and three tile sizes as tactics; TensorRT times them.
 
@@ -48,9 +49,6 @@ def aot_kernel(groups, eps: float, dtype: str, shape, tactic: int, arch: int):
     cfg = block_config(groups, spatial, budget=TACTICS.get(int(tactic), TACTICS[DEFAULT_TACTIC]))
     name, ptx, info = compile_ptx(groups, float(eps), dtype, True, int(arch), spatial=spatial, block_c=cfg.block_c,
                                   block_s=cfg.block_s, num_warps=cfg.num_warps)
-    if info["global_scratch_size"] or info["profile_scratch_size"]:
-        # TensorRT passes nothing for Triton's hidden scratch parameters: a kernel that needs them cannot be embedded.
-        raise RuntimeError(f"GrowNorm kernel {name} needs Triton scratch memory, which TensorRT does not provide")
     return name, ptx, cfg, info
 
 
@@ -88,7 +86,7 @@ def register() -> None:
         for d in range(2, x.ndim):
             s = x.shape_expr[d] if isinstance(s, int) else s * x.shape_expr[d]
         launch = trtp.KernelLaunchParams()
-        launch.grid_x = trtp.cdiv(n, cfg.block_s) if cfg.rows else n * trtp.cdiv(s, cfg.block_s)
+        launch.grid_x = cfg.grid(n, s, cdiv=trtp.cdiv)[0]  # the formula the Python launches use, over shape expressions
         launch.block_x = info["block"]
         launch.shared_mem = info["shared_mem"]
         extra = trtp.SymIntExprs(2)

@@ -2,7 +2,7 @@
 
 Without a GPU the Triton kernels run on CPU tensors under Triton's interpreter.  Triton 3.8 reads
 ``TRITON_INTERPRET`` when a function is decorated with ``@triton.jit`` (``triton.knobs`` reads the
-environment lazily), so it must be set before ``plugins/surgeon_plugins/surgeon_plugins/grownorm_kernel.py`` is imported; this file
+environment lazily), so it must be set before ``plugins/surgeon_plugins/grownorm_kernel.py`` is imported; this file
 sets it at import time, i.e. when pytest collects ``tests/plugins``, before any of its tests run.
 The kernels avoid triton.language's own jitted helpers, so it does not matter whether ``triton``
 itself was imported earlier.  If the kernel module was imported before the variable was set (or
@@ -52,7 +52,7 @@ def _load_kernel_module() -> ModuleType:
 
 @pytest.fixture(scope="session")
 def gk() -> ModuleType:
-    """``plugins/surgeon_plugins/surgeon_plugins/grownorm_kernel.py`` (compile-only use is fine without GPU or interpreter)."""
+    """``plugins/surgeon_plugins/grownorm_kernel.py`` (compile-only use is fine without GPU or interpreter)."""
     pytest.importorskip("triton")
     return _load_kernel_module()
 
