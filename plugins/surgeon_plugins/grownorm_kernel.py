@@ -35,7 +35,9 @@ One program owns ``BLOCK_S`` positions and all ``C`` channels of them; there are
 Per group, in chunks of ``BLOCK_C`` channels (the last chunk masked; a group smaller than
 ``BLOCK_C`` uses the next power of two of its size): pass 1 accumulates ``x^2`` in an fp32
 ``[BLOCK_C, BLOCK_S]`` register tile and reduces it over channels once; ``r`` is computed with IEEE
-``sqrt``/division; pass 2 re-reads ``x``, multiplies by ``r * gamma`` and writes ``y``.  The
+``sqrt``/division; pass 2 re-reads ``x``, multiplies by ``r * gamma`` and writes ``y``.  When a
+group fits in one chunk, Triton's common-subexpression elimination merges the two loads (the PTX
+has one load per element), so such groups are read once.  The
 PyTorch forward also writes ``r`` (fp32, ``[N, G, *spatial]``) for the backward.
 
 The backward kernel has the same grid: pass 1 accumulates ``sum x^2`` (for the clamp test) and
@@ -138,6 +140,19 @@ def _program_layout(pid, N, S, C: tl.constexpr, NUM_GROUPS: tl.constexpr, ROWS: 
 
 
 @triton.jit
+def _chunk(c0, G_END: tl.constexpr, S, x_pos, p_mask, ROWS: tl.constexpr, BC: tl.constexpr):
+    """Channels ``c0 ..< c0 + BC`` of a group ending at ``G_END``: indices, their mask, and the
+    ``[BC, BLOCK_S]`` element offsets and mask of the tile."""
+    c = c0 + tl.arange(0, BC)
+    c_mask = c < G_END
+    if ROWS:
+        c_off = c
+    else:
+        c_off = c * S
+    return c, c_mask, c_off[:, None] + x_pos[None, :], c_mask[:, None] & p_mask[None, :]
+
+
+@triton.jit
 def _fwd_group(Xp, GAMMA, Yp, Rp, x_pos, r_pos, p_mask, S,
                G_START: tl.constexpr, G_SIZE: tl.constexpr, G_IDX: tl.constexpr, EPS: tl.constexpr,
                HAS_GAMMA: tl.constexpr, STORE_RNORM: tl.constexpr, ROWS: tl.constexpr,
@@ -145,14 +160,8 @@ def _fwd_group(Xp, GAMMA, Yp, Rp, x_pos, r_pos, p_mask, S,
     # pass 1: sum of squares per position, fp32
     acc = tl.full([BC, BLOCK_S], 0.0, tl.float32)
     for c0 in range(G_START, G_START + G_SIZE, BC):
-        c = c0 + tl.arange(0, BC)
-        c_mask = c < G_START + G_SIZE
-        if ROWS:
-            c_off = c
-        else:
-            c_off = c * S
-        m = c_mask[:, None] & p_mask[None, :]
-        x = tl.load(Xp + (c_off[:, None] + x_pos[None, :]), mask=m, other=0.0).to(tl.float32)
+        c, c_mask, offs, m = _chunk(c0, G_START + G_SIZE, S, x_pos, p_mask, ROWS, BC)
+        x = tl.load(Xp + offs, mask=m, other=0.0).to(tl.float32)
         acc += x * x
     ss = tl.reduce(acc, 0, _sum_combine)
     r = tl.div_rn(1.0, tl.sqrt_rn(tl.maximum(ss, EPS * EPS)))
@@ -163,14 +172,7 @@ def _fwd_group(Xp, GAMMA, Yp, Rp, x_pos, r_pos, p_mask, S,
             tl.store(Rp + (r_pos + G_IDX * S), r, mask=p_mask)
     # pass 2: re-read, scale by r * gamma, write
     for c0 in range(G_START, G_START + G_SIZE, BC):
-        c = c0 + tl.arange(0, BC)
-        c_mask = c < G_START + G_SIZE
-        if ROWS:
-            c_off = c
-        else:
-            c_off = c * S
-        m = c_mask[:, None] & p_mask[None, :]
-        offs = c_off[:, None] + x_pos[None, :]
+        c, c_mask, offs, m = _chunk(c0, G_START + G_SIZE, S, x_pos, p_mask, ROWS, BC)
         x = tl.load(Xp + offs, mask=m, other=0.0).to(tl.float32)
         if HAS_GAMMA:
             gam = tl.load(GAMMA + c, mask=c_mask, other=0.0).to(tl.float32)
@@ -194,6 +196,19 @@ def _fwd_program(pid, X, GAMMA, Y, RNORM, N, S,
 
 
 @triton.jit
+def _bwd_load(Xp, GYp, GAMMA, c, c_mask, offs, m, HAS_GAMMA: tl.constexpr):
+    """``x``, ``gy`` and ``dxh = gamma * gy`` of one tile, fp32."""
+    x = tl.load(Xp + offs, mask=m, other=0.0).to(tl.float32)
+    gy = tl.load(GYp + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_GAMMA:
+        gam = tl.load(GAMMA + c, mask=c_mask, other=0.0).to(tl.float32)
+        dxh = gy * gam[:, None]
+    else:
+        dxh = gy
+    return x, gy, dxh
+
+
+@triton.jit
 def _bwd_group(Xp, GYp, GAMMA, Rp, DXp, DGP, x_pos, r_pos, p_mask, S,
                G_START: tl.constexpr, G_SIZE: tl.constexpr, G_IDX: tl.constexpr, EPS: tl.constexpr,
                HAS_GAMMA: tl.constexpr, NEED_DGAMMA: tl.constexpr, ROWS: tl.constexpr,
@@ -202,21 +217,8 @@ def _bwd_group(Xp, GYp, GAMMA, Rp, DXp, DGP, x_pos, r_pos, p_mask, S,
     acc_ss = tl.full([BC, BLOCK_S], 0.0, tl.float32)
     acc_dot = tl.full([BC, BLOCK_S], 0.0, tl.float32)
     for c0 in range(G_START, G_START + G_SIZE, BC):
-        c = c0 + tl.arange(0, BC)
-        c_mask = c < G_START + G_SIZE
-        if ROWS:
-            c_off = c
-        else:
-            c_off = c * S
-        m = c_mask[:, None] & p_mask[None, :]
-        offs = c_off[:, None] + x_pos[None, :]
-        x = tl.load(Xp + offs, mask=m, other=0.0).to(tl.float32)
-        gy = tl.load(GYp + offs, mask=m, other=0.0).to(tl.float32)
-        if HAS_GAMMA:
-            gam = tl.load(GAMMA + c, mask=c_mask, other=0.0).to(tl.float32)
-            dxh = gy * gam[:, None]
-        else:
-            dxh = gy
+        c, c_mask, offs, m = _chunk(c0, G_START + G_SIZE, S, x_pos, p_mask, ROWS, BC)
+        x, gy, dxh = _bwd_load(Xp, GYp, GAMMA, c, c_mask, offs, m, HAS_GAMMA)
         acc_ss += x * x
         acc_dot += x * dxh
     ss = tl.reduce(acc_ss, 0, _sum_combine)
@@ -230,21 +232,8 @@ def _bwd_group(Xp, GYp, GAMMA, Rp, DXp, DGP, x_pos, r_pos, p_mask, S,
     coef = tl.where(ss > EPS * EPS, r * r * r * dot, 0.0)
     # pass 2: dx = r * dxh - x * r^3 * <x, dxh>; per-channel dgamma partials
     for c0 in range(G_START, G_START + G_SIZE, BC):
-        c = c0 + tl.arange(0, BC)
-        c_mask = c < G_START + G_SIZE
-        if ROWS:
-            c_off = c
-        else:
-            c_off = c * S
-        m = c_mask[:, None] & p_mask[None, :]
-        offs = c_off[:, None] + x_pos[None, :]
-        x = tl.load(Xp + offs, mask=m, other=0.0).to(tl.float32)
-        gy = tl.load(GYp + offs, mask=m, other=0.0).to(tl.float32)
-        if HAS_GAMMA:
-            gam = tl.load(GAMMA + c, mask=c_mask, other=0.0).to(tl.float32)
-            dxh = gy * gam[:, None]
-        else:
-            dxh = gy
+        c, c_mask, offs, m = _chunk(c0, G_START + G_SIZE, S, x_pos, p_mask, ROWS, BC)
+        x, gy, dxh = _bwd_load(Xp, GYp, GAMMA, c, c_mask, offs, m, HAS_GAMMA)
         dx = r[None, :] * dxh - x * coef[None, :]
         tl.store(DXp + offs, dx.to(DXp.dtype.element_ty), mask=m)
         if NEED_DGAMMA:
@@ -294,8 +283,10 @@ def grownorm_bwd_kernel(X, GY, GAMMA, RNORM, DX, DGAMMA_PART, N, S,
 
 _JIT_NAMES = (
     "_program_layout",
+    "_chunk",
     "_fwd_group",
     "_fwd_program",
+    "_bwd_load",
     "_bwd_group",
     "grownorm_fwd_kernel",
     "grownorm_fwd_qdp_kernel",
