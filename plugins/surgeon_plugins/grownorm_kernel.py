@@ -628,6 +628,30 @@ def assemble_ptx(ptx: str, arch: int) -> bytes:
             return f.read()
 
 
+# PTX ISA versions a driver of CUDA 11.8 (R520) and 12.0 (R525, TensorRT 10's minimum) can JIT-compile.
+_PORTABLE_PTX_ISA = ("7.8", "8.0")
+
+
+def oldest_ptx_isa(ptx: str, arch: int) -> tuple[str, bytes]:
+    """``ptx`` relabelled with the oldest PTX ISA ``.version`` that ``ptxas`` accepts for it, and its cubin.
+
+    Triton labels its PTX with the newest ISA its ``ptxas`` knows (8.8 for CUDA 12.9), which a driver
+    older than that CUDA release refuses to load, although a simple kernel uses nothing that new.
+    ``ptxas`` rejects a label older than the instructions and the target need, so the first label
+    it accepts is safe; the instructions are unchanged.
+    """
+    current = _ptx_directive(ptx, ".version")
+    for version in _PORTABLE_PTX_ISA:
+        if current is None or tuple(map(int, version.split("."))) >= tuple(map(int, current.split("."))):
+            break
+        candidate = re.sub(r"^\.version \S+$", f".version {version}", ptx, count=1, flags=re.MULTILINE)
+        try:
+            return candidate, assemble_ptx(candidate, arch)
+        except RuntimeError:
+            continue
+    return ptx, assemble_ptx(ptx, arch)
+
+
 def _compile(kernel_name: str, runtime: dict[str, str], constexprs: dict[str, Any], arch: int, num_warps: int,
              aligned: Sequence[str] = ()):
     """``triton.compile`` one of this module's kernels for ``sm_<arch>``; no GPU needed.
@@ -684,8 +708,9 @@ def compile_ptx(
     parameters in order, ``N``/``S`` int32: the PTX's ``.entry`` declares exactly these),
     ``hidden_params`` (how many parameters Triton appended and this function dropped: with Triton
     3.8, 2 pointers, global and profile scratch, unused since both sizes are 0),
-    ``global_scratch_size``, ``profile_scratch_size``, ``ptx_version`` and ``cubin`` (the ptxas
-    output for the same target, bytes).
+    ``global_scratch_size``, ``profile_scratch_size``, ``ptx_version`` (the ISA label, lowered by
+    :func:`oldest_ptx_isa` so that drivers from CUDA 12.0 on load it), ``triton_ptx_version`` (the
+    label Triton gave it) and ``cubin`` (the ptxas output for the same target, bytes).
     """
     groups = _check_groups(groups)
     eps = _check_eps(eps)
@@ -721,7 +746,8 @@ def compile_ptx(
     if md.global_scratch_size or md.profile_scratch_size:
         raise RuntimeError(f"GrowNorm kernel {md.name} needs Triton scratch memory, which an ahead-of-time launch "
                            "does not provide")
-    ptx = drop_unused_params(ptx, md.name, len(params))
+    triton_isa = _ptx_directive(ptx, ".version")
+    ptx, cubin = oldest_ptx_isa(drop_unused_params(ptx, md.name, len(params)), int(arch))
     grid_formula = "grid_x = cdiv(N, BLOCK_S)" if cfg.rows else "grid_x = N * cdiv(S, BLOCK_S)"
     info = {
         "arch": int(arch),
@@ -742,6 +768,7 @@ def compile_ptx(
         "global_scratch_size": md.global_scratch_size,
         "profile_scratch_size": md.profile_scratch_size,
         "ptx_version": _ptx_directive(ptx, ".version"),
-        "cubin": assemble_ptx(ptx, int(arch)),
+        "triton_ptx_version": triton_isa,
+        "cubin": cubin,
     }
     return md.name, ptx, info

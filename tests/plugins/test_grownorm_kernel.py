@@ -272,6 +272,9 @@ def test_compile_ptx(gk, arch, dtype, groups, spatial):
     else:
         assert info["grid"](8, 49) == (8 * -(-49 // bs), 1, 1) and "N * cdiv(S, BLOCK_S)" in info["grid_formula"]
     assert info["cubin"][:4] == b"\x7fELF" and name.encode() in info["cubin"]  # ptxas assembled the trimmed PTX
+    # Labelled with the oldest ISA ptxas accepts (sm_90a needs 8.0), so CUDA 12.0 drivers load it
+    assert info["ptx_version"] == ("8.0" if arch >= 90 else "7.8") and f".version {info['ptx_version']}\n" in ptx
+    assert info["triton_ptx_version"] >= info["ptx_version"]
     if spatial == 1 and groups == (4096, 1024):
         assert "ld.global.v4" in ptx  # [N, C]: contiguous along C, vectorised loads
 
@@ -316,6 +319,34 @@ def test_drop_unused_params_keeps_what_the_kernel_reads(gk):
         gk.drop_unused_params(ptx, "nope", 1)
     with pytest.raises(RuntimeError, match="ptxas rejected the PTX for sm_80"):
         gk.assemble_ptx(trimmed.replace("ret;", "bogus;"), 80)
+
+
+def test_oldest_ptx_isa_keeps_what_ptxas_needs(gk):
+    body = """.target {target}
+.address_size 64
+.visible .entry k(
+\t.param .u64 .ptr .global .align 1 k_param_0
+)
+{{
+\t.reg .b64 %rd<2>;
+\t.reg .b32 %r<2>;
+\tld.param.u64 %rd1, [k_param_0];
+\t{load}
+\tret;
+}}
+"""
+    plain = ".version 8.8\n" + body.format(target="sm_80", load="ld.global.u32 %r1, [%rd1];")
+    lowered, cubin = gk.oldest_ptx_isa(plain, 80)
+    assert lowered.startswith(".version 7.8\n") and lowered[len(".version 7.8"):] == plain[len(".version 8.8"):]
+    assert cubin[:4] == b"\x7fELF"
+    assert gk.oldest_ptx_isa(plain.replace("sm_80", "sm_90a"), 90)[0].startswith(".version 8.0\n")  # sm_90a: 8.0+
+    # an instruction of ISA 8.0 (cp.async.bulk.prefetch.L2) gets 8.0; one of ISA 8.3 keeps Triton's label
+    newer = ".version 8.8\n" + body.format(target="sm_90", load="cp.async.bulk.prefetch.L2.global [%rd1], 128;")
+    assert gk.oldest_ptx_isa(newer, 90)[0].startswith(".version 8.0\n")
+    newest = ".version 8.3\n" + body.format(target="sm_90", load="fence.proxy.tensormap::generic.release.gpu;")
+    assert gk.oldest_ptx_isa(newest, 90)[0] == newest
+    old = ".version 7.0\n" + body.format(target="sm_80", load="ld.global.u32 %r1, [%rd1];")
+    assert gk.oldest_ptx_isa(old, 80)[0] == old  # never relabelled upwards
 
 
 @pytest.mark.parametrize("arch", [80, 90])
