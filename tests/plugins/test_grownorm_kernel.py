@@ -441,6 +441,15 @@ def test_gpu_check_script_correctness_part_runs(gk, device, tmp_path):
     rows = script.check_correctness(device.type, cases=[((3, 10, 2, 3), (6, 4)), ((4, 70), (69, 1))])
     assert len(rows) == 4 and all(r["ok"] for r in rows), rows
 
+    # Timed inputs rotate through copies that together exceed 3x the L2 cache (here: 3 x 10 kB of 4 kB tensors).
+    x = torch.randn(10, 100)
+    xs = script.input_sets(x, l2_bytes=10_000)
+    assert len(xs) == 8 and xs[0] is x and all(torch.equal(c, x) for c in xs)
+    assert len({c.data_ptr() for c in xs}) == 8
+    take = script._rotating(xs)
+    assert [id(take()) for _ in range(9)] == [id(c) for c in xs[1:] + xs[:2]]
+    assert len(script.input_sets(torch.randn(1000, 1000), l2_bytes=10_000)) == 1
+
     # The report of a run whose training part failed still says what passed, and which part failed.
     out = tmp_path / "gpu-results"
     out.mkdir()
