@@ -2,7 +2,10 @@
 (``tensorrt.plugin``, TensorRT 10.9+), serving the ``GrowNorm`` nodes of surgeon's ONNX files.
 
 - ``register``: one output shaped and typed like ``x``; attributes ``groups`` (the node's INTS)
-  and ``eps`` (FLOAT). ``plugin_namespace``/``plugin_version`` only route the node here.
+  and ``eps`` (FLOAT). ``plugin_namespace``/``plugin_version`` only route the node here. ``eps``
+  is declared a one-element float32 array: TensorRT's parser hands every attribute over as a 1-D
+  field, and ``tensorrt.plugin`` turns a ``float``-annotated one with ``float(array)``, which NumPy
+  2.4 refuses for arrays of one dimension.
 - ``aot_impl``: the Triton forward kernel compiled to PTX for the building GPU, with its launch grid
   as shape expressions — TensorRT embeds it, so the engine runs without Python (trtexec, Triton
   Inference Server). The kernel takes ``(X, GAMMA, N, S, Y)`` and nothing else: inputs, the extra
@@ -15,8 +18,9 @@ Engines built with the plugin should set ``PREFER_AOT_PYTHON_PLUGINS`` on the ne
 builder does) so the ahead-of-time implementation is the one embedded.
 
 This module must not use ``from __future__ import annotations``: ``tensorrt.plugin`` inspects the
-annotations of the decorated functions as objects.
+annotations of the decorated functions as objects (written in ``typing``'s forms, as its docs do).
 """
+# ruff: noqa: UP006, UP007, UP035
 
 import math
 from typing import List, Tuple, Union
@@ -39,7 +43,15 @@ def spatial_size(shape) -> int | None:
     return math.prod(dims) if dims else 1
 
 
-def aot_kernel(groups, eps: float, dtype: str, shape, tactic: int, arch: int):
+def attr_float(value) -> float:
+    """A scalar plugin attribute as a float, whether TensorRT passes a float or a one-element array."""
+    flat = np.asarray(value, dtype=np.float64).reshape(-1)
+    if flat.size != 1:
+        raise ValueError(f"expected one value, got {flat.size}")
+    return float(flat[0])
+
+
+def aot_kernel(groups, eps, dtype: str, shape, tactic: int, arch: int):
     """The PTX TensorRT embeds for one input type/shape and tactic: ``(name, ptx, cfg, info)``
     (``cfg``: the tile configuration; ``info``: see ``grownorm_kernel.compile_ptx``)."""
     from surgeon_plugins.grownorm_kernel import block_config, compile_ptx
@@ -47,7 +59,7 @@ def aot_kernel(groups, eps: float, dtype: str, shape, tactic: int, arch: int):
     groups = tuple(int(g) for g in groups)
     spatial = spatial_size(shape)
     cfg = block_config(groups, spatial, budget=TACTICS.get(int(tactic), TACTICS[DEFAULT_TACTIC]))
-    name, ptx, info = compile_ptx(groups, float(eps), dtype, True, int(arch), spatial=spatial, block_c=cfg.block_c,
+    name, ptx, info = compile_ptx(groups, attr_float(eps), dtype, True, int(arch), spatial=spatial, block_c=cfg.block_c,
                                   block_s=cfg.block_s, num_warps=cfg.num_warps)
     return name, ptx, cfg, info
 
@@ -64,19 +76,20 @@ def register() -> None:
 
     @trtp.register(PLUGIN_ID)
     def grownorm_desc(x: trtp.TensorDesc, gamma: trtp.TensorDesc, groups: npt.NDArray[np.int32],
-                      eps: float) -> trtp.TensorDesc:
+                      eps: npt.NDArray[np.float32]) -> trtp.TensorDesc:
         return x.like()
 
     @trtp.autotune(PLUGIN_ID)
-    def grownorm_autotune(x: trtp.TensorDesc, gamma: trtp.TensorDesc, groups: npt.NDArray[np.int32], eps: float,
-                          outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+    def grownorm_autotune(x: trtp.TensorDesc, gamma: trtp.TensorDesc, groups: npt.NDArray[np.int32],
+                          eps: npt.NDArray[np.float32], outputs: Tuple[trtp.TensorDesc]
+                          ) -> List[trtp.AutoTuneCombination]:
         # x and y share a type (fp32 or fp16); γ is always fp32.
         return [trtp.AutoTuneCombination("FP32|FP16, FP32, FP32|FP16", "LINEAR", list(TACTICS))]
 
     @trtp.aot_impl(PLUGIN_ID)
-    def grownorm_aot(x: trtp.TensorDesc, gamma: trtp.TensorDesc, groups: npt.NDArray[np.int32], eps: float,
-                     outputs: Tuple[trtp.TensorDesc], tactic: int
-                     ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:  # noqa: UP006, UP007 (the form tensorrt.plugin checks)
+    def grownorm_aot(x: trtp.TensorDesc, gamma: trtp.TensorDesc, groups: npt.NDArray[np.int32],
+                     eps: npt.NDArray[np.float32], outputs: Tuple[trtp.TensorDesc], tactic: int
+                     ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         import torch
 
         major, minor = torch.cuda.get_device_capability()
@@ -95,8 +108,8 @@ def register() -> None:
         return name, ptx, launch, extra
 
     @trtp.impl(PLUGIN_ID)
-    def grownorm_jit(x: trtp.Tensor, gamma: trtp.Tensor, groups: npt.NDArray[np.int32], eps: float,
-                     outputs: Tuple[trtp.Tensor], stream: int, tactic: int) -> None:
+    def grownorm_jit(x: trtp.Tensor, gamma: trtp.Tensor, groups: npt.NDArray[np.int32],
+                     eps: npt.NDArray[np.float32], outputs: Tuple[trtp.Tensor], stream: int, tactic: int) -> None:
         import torch
 
         from surgeon_plugins.grownorm_kernel import block_config, forward_into
@@ -108,6 +121,6 @@ def register() -> None:
             sizes = tuple(int(g) for g in groups)
             cfg = block_config(sizes, spatial_size(xt.shape), int(xt.shape[0]),
                                budget=TACTICS.get(int(tactic), TACTICS[DEFAULT_TACTIC]))
-            forward_into(xt, yt, sizes, gt, float(eps), cfg)
+            forward_into(xt, yt, sizes, gt, attr_float(eps), cfg)
 
     _REGISTERED = True

@@ -54,6 +54,19 @@ def test_aot_kernel_fp16_and_dynamic_spatial(gk):
     assert not cfg.rows and ".f16" in ptx
 
 
+def test_eps_arrives_as_a_one_element_array():
+    """TensorRT's parser passes the node's FLOAT ``eps`` as a 1-D field; the plugin reads it either way."""
+    from surgeon_plugins.grownorm_trt import aot_kernel, attr_float
+
+    field = np.array([1e-5], dtype=np.float32)  # what tensorrt.plugin hands over for an NDArray[float32] attribute
+    assert attr_float(field) == float(np.float32(1e-5)) and attr_float(1e-6) == 1e-6
+    with pytest.raises(ValueError, match="one value"):
+        attr_float(np.array([1.0, 2.0]))
+    from_array = aot_kernel((6, 2), field, "fp32", (-1, 8, 3, 3), 1, 80)[1]
+    from_float = aot_kernel((6, 2), float(np.float32(1e-5)), "fp32", (-1, 8, 3, 3), 1, 80)[1]
+    assert from_array == from_float
+
+
 def test_builder_says_why_the_plugin_cannot_be_used():
     old = Toolkit("tensorrt", types.SimpleNamespace(__version__="10.3.0"), ahead_of_time=False)
     assert plugin_status(old) == (False, "TensorRT 10.3.0 cannot embed Python plugins ahead of time (10.9 or later is needed)")
