@@ -55,7 +55,9 @@ Block heuristic (:func:`block_config`): ``S > 1``: ``BLOCK_S = min(next_pow2(S),
 ``BLOCK_C`` fills the tile budget; ``S == 1``: ``BLOCK_C = min(next_pow2(max group), 2048)`` and
 ``BLOCK_S`` samples fill it (at most ``next_pow2(N)``).  The budget is ``BLOCK_C * BLOCK_S <= 4096``
 elements for the forward and 2048 for the backward (two accumulators); ``num_warps`` aims at 8 tile
-elements per thread, clamped to 4..8 (no register spills in either kernel).
+elements per thread, clamped to 4..8 (no register spills in either kernel).  ``whole_groups=True``
+(a TensorRT tactic) instead makes each group a single chunk, trading shorter contiguous runs along
+``S`` for reading every element once.
 
 TensorRT
 --------
@@ -88,6 +90,7 @@ _IO_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf1
 _TILE_BUDGET = 4096  # elements of one [BLOCK_C, BLOCK_S] tile
 _MAX_BLOCK_S = 64  # positions per program when S > 1
 _MAX_ROWS_BLOCK_C = 2048  # channels per chunk when S == 1
+_MIN_WHOLE_BLOCK_S = 16  # positions per program at least, for whole-group tiles when S > 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,12 +319,31 @@ class BlockConfig:
 
 
 def block_config(
-    groups: Sequence[int], spatial: int | None = None, batch: int | None = None, budget: int = _TILE_BUDGET
+    groups: Sequence[int], spatial: int | None = None, batch: int | None = None, budget: int = _TILE_BUDGET,
+    whole_groups: bool = False,
 ) -> BlockConfig:
     """The block heuristic.  ``spatial``: S (``1`` selects the [N, C] layout; ``None``: unknown, > 1);
     ``batch``: N if known (caps the samples per program of the [N, C] layout); ``budget``: elements
-    of one tile (the backward keeps two accumulators and uses half the forward's)."""
+    of one tile (the backward keeps two accumulators and uses half the forward's).
+
+    ``whole_groups``: make every group one chunk (``BLOCK_C = next_pow2(largest group)``, fewer
+    positions per program), so each element is read once instead of twice, where the tile still fits
+    the budget with at least ``_MIN_WHOLE_BLOCK_S`` positions (S > 1: shorter contiguous runs along S
+    would waste memory transactions); otherwise the usual chunked tile.  Whether the single read
+    beats the longer runs depends on the GPU: TensorRT times both (tactics), gpu_check reports both."""
     largest = triton.next_power_of_2(max(groups))
+    if whole_groups:
+        min_s = 1 if spatial == 1 else _MIN_WHOLE_BLOCK_S
+        if largest * min_s <= budget:
+            if spatial == 1:
+                block_s = budget // largest
+                if batch is not None:
+                    block_s = min(block_s, triton.next_power_of_2(max(int(batch), 1)))
+            else:
+                cap = _MAX_BLOCK_S if spatial is None else min(triton.next_power_of_2(int(spatial)), _MAX_BLOCK_S)
+                block_s = min(cap, budget // largest)
+            return BlockConfig(rows=spatial == 1, block_c=largest, block_s=block_s,
+                               num_warps=_num_warps(largest * block_s))
     if spatial == 1:
         block_c = min(largest, _MAX_ROWS_BLOCK_C)
         block_s = max(1, budget // block_c)

@@ -12,7 +12,8 @@
   int32 scalars, then the output, as TensorRT launches ahead-of-time plugin kernels (Triton's unused
   scratch parameters are dropped from the PTX; ``surgeon_plugins.aot_launch`` replays this launch).
 - ``impl``: the same kernel launched from Python on TensorRT's stream (just-in-time plugins).
-- ``autotune``: fp32 or fp16 I/O (γ fp32) and three tile sizes as tactics; TensorRT times them.
+- ``autotune``: fp32 or fp16 I/O (γ fp32) and four tile configurations as tactics (three tile
+  sizes, and whole-group tiles that read each element once); TensorRT times them.
 
 Engines built with the plugin should set ``PREFER_AOT_PYTHON_PLUGINS`` on the network (surgeon's
 builder does) so the ahead-of-time implementation is the one embedded.
@@ -29,8 +30,9 @@ import numpy as np
 import numpy.typing as npt
 
 PLUGIN_ID = "surgeon::GrowNorm"
-# Tactic → tile budget (elements of one [BLOCK_C, BLOCK_S] tile; the block heuristic fills it).
-TACTICS = {1: 4096, 2: 2048, 3: 8192}
+# Tactic → (tile budget: elements of one [BLOCK_C, BLOCK_S] tile, whole groups: every group one
+# chunk, each element read once, where that fits the budget). TensorRT times them all and keeps the fastest.
+TACTICS = {1: (4096, False), 2: (2048, False), 3: (8192, False), 4: (8192, True)}
 DEFAULT_TACTIC = 1
 _REGISTERED = False
 
@@ -51,14 +53,22 @@ def attr_float(value) -> float:
     return float(flat[0])
 
 
+def tactic_config(groups, shape, tactic: int, batch: int | None = None):
+    """The tile configuration of one tactic for inputs of ``shape`` (``-1`` where dynamic)."""
+    from surgeon_plugins.grownorm_kernel import block_config
+
+    budget, whole = TACTICS.get(int(tactic), TACTICS[DEFAULT_TACTIC])
+    return block_config(tuple(int(g) for g in groups), spatial_size(shape), batch, budget=budget, whole_groups=whole)
+
+
 def aot_kernel(groups, eps, dtype: str, shape, tactic: int, arch: int):
     """The PTX TensorRT embeds for one input type/shape and tactic: ``(name, ptx, cfg, info)``
     (``cfg``: the tile configuration; ``info``: see ``grownorm_kernel.compile_ptx``)."""
-    from surgeon_plugins.grownorm_kernel import block_config, compile_ptx
+    from surgeon_plugins.grownorm_kernel import compile_ptx
 
     groups = tuple(int(g) for g in groups)
     spatial = spatial_size(shape)
-    cfg = block_config(groups, spatial, budget=TACTICS.get(int(tactic), TACTICS[DEFAULT_TACTIC]))
+    cfg = tactic_config(groups, shape, tactic)
     name, ptx, info = compile_ptx(groups, attr_float(eps), dtype, True, int(arch), spatial=spatial, block_c=cfg.block_c,
                                   block_s=cfg.block_s, num_warps=cfg.num_warps)
     return name, ptx, cfg, info
@@ -112,15 +122,14 @@ def register() -> None:
                      eps: npt.NDArray[np.float32], outputs: Tuple[trtp.Tensor], stream: int, tactic: int) -> None:
         import torch
 
-        from surgeon_plugins.grownorm_kernel import block_config, forward_into
+        from surgeon_plugins.grownorm_kernel import forward_into
 
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             xt = torch.as_tensor(x, device="cuda")
             yt = torch.as_tensor(outputs[0], device="cuda")
             gt = torch.as_tensor(gamma, device="cuda")
             sizes = tuple(int(g) for g in groups)
-            cfg = block_config(sizes, spatial_size(xt.shape), int(xt.shape[0]),
-                               budget=TACTICS.get(int(tactic), TACTICS[DEFAULT_TACTIC]))
+            cfg = tactic_config(sizes, xt.shape, tactic, batch=int(xt.shape[0]))
             forward_into(xt, yt, sizes, gt, attr_float(eps), cfg)
 
     _REGISTERED = True

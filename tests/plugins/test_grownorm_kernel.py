@@ -232,6 +232,13 @@ def test_block_config(gk):
     assert gk.block_config((512, 512), 49, budget=2048).block_c * 64 <= 2048
     for cfg in (rows, spatial):
         assert 4 <= cfg.num_warps <= 8
+    # whole groups: every group one chunk where the tile fits, else the chunked tile of that budget
+    whole = gk.block_config((448, 64), 196, budget=8192, whole_groups=True)
+    assert (whole.rows, whole.block_c, whole.block_s, whole.num_warps) == (False, 512, 16, 8)
+    assert gk.block_config((4096, 2048), 1, batch=1024, budget=8192, whole_groups=True).block_c == 4096
+    assert gk.block_config((40, 24), 9, budget=8192, whole_groups=True).block_s == 16  # capped at next_pow2(S)
+    big = gk.block_config((1000,), 49, budget=8192, whole_groups=True)  # 1024 x 16 > 8192: chunked
+    assert big == gk.block_config((1000,), 49, budget=8192)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,9 +378,12 @@ def test_pytorch_path_kernels_compile_for_gpus(gk, arch):
 
 @pytest.mark.parametrize("shape, groups, spatial", [((5, 12), (4, 8), 1), ((2, 12, 3, 3), (4, 8), None)],
                          ids=["NC", "NCHW"])
-def test_trt_kernel_runs_with_its_launch_info(gk, device, shape, groups, spatial):
-    """Launch the TensorRT-facing kernel exactly as launch_info describes and check the numbers."""
-    name, _, info = gk.compile_ptx(groups, EPS, "fp32", True, 90, spatial=spatial)
+@pytest.mark.parametrize("tactic", [1, 2, 3, 4])
+def test_trt_kernel_runs_with_its_launch_info(gk, device, shape, groups, spatial, tactic):
+    """Launch the TensorRT-facing kernel of each tactic exactly as launch_info describes; check the numbers."""
+    from surgeon_plugins.grownorm_trt import aot_kernel
+
+    name, _, _, info = aot_kernel(groups, EPS, "fp32", (-1,) + shape[1:], tactic, 90)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(shape, generator=gen).to(device)
     gamma = (torch.rand(shape[1], generator=gen) + 0.5).to(device)
@@ -395,9 +405,9 @@ def test_forward_into_writes_the_callers_output(gk, device, shape, groups):
     gamma = torch.rand(shape[1], device=device) + 0.5
     want, _ = gk.grow_norm_forward(x, groups, gamma, EPS)
     s = 1 if len(shape) == 2 else shape[2] * shape[3]
-    for budget in (4096, 2048, 8192):
+    for budget, whole in ((4096, False), (2048, False), (8192, False), (8192, True)):
         y = torch.full_like(x, float("nan"))
-        gk.forward_into(x, y, groups, gamma, EPS, gk.block_config(groups, s, shape[0], budget=budget))
+        gk.forward_into(x, y, groups, gamma, EPS, gk.block_config(groups, s, shape[0], budget=budget, whole_groups=whole))
         torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="same shape and dtype"):
         gk.forward_into(x, torch.empty_like(x, dtype=torch.float16), groups, gamma, EPS)
