@@ -7,6 +7,8 @@
    that together exceed 3× the L2 cache; achieved bandwidth as a fraction of
    the device's measured copy bandwidth (targets: ≥ 80 % of copy bandwidth, ≥ 3× eager, not slower
    than torch.compile);
+   Also the PyTorch path with whole-group tiles against its default chunked tiles (forward, and
+   forward + backward called directly), to choose that default;
 3. one training step of a grown ResNet50 (``layer4.2.conv1`` +128) with and without the kernel;
 4. the PTX a TensorRT engine embeds (``compile_ptx``, Triton's scratch parameters dropped), loaded
    by the CUDA driver and launched with exactly the arguments TensorRT passes
@@ -190,6 +192,14 @@ def _time_case(xs: list[torch.Tensor], gamma: torch.Tensor, groups: tuple[int, .
     for name, fn in (("fused", fused), ("eager", grow_norm), ("compiled", compiled)):
         take = _rotating(xs)
         candidates[name] = functools.partial(lambda f, t: f(t(), groups, gamma, EPS), fn, take)
+    # the PyTorch path with whole-group tiles (the default is chunked): data for choosing its default
+    import surgeon_plugins.grownorm_kernel as gk
+
+    n, s = xs[0].shape[0], xs[0][0, 0].numel()
+    whole_fwd = gk.block_config(groups, s, n, budget=8192, whole_groups=True)
+    whole_bwd = gk.block_config(groups, s, n, budget=4096, whole_groups=True)
+    take = _rotating(xs)
+    candidates["fused_whole"] = lambda: gk.grow_norm_forward(take(), groups, gamma, EPS, cfg=whole_fwd)
     aot, out = {}, torch.empty_like(xs[0])
     try:  # every tactic TensorRT times when it builds the engine; it keeps the fastest
         for tactic in TACTICS:
@@ -214,7 +224,18 @@ def _time_case(xs: list[torch.Tensor], gamma: torch.Tensor, groups: tuple[int, .
 
         return step
 
-    both = interleaved({"fused": train(fused), "eager": train(grow_norm), "compiled": train(compiled)}, rounds, iters)
+    def direct(fwd_cfg, bwd_cfg):  # the kernels without autograd, default or whole-group tiles
+        take = _rotating(xs)
+
+        def step():
+            x = take()
+            _, rnorm = gk.grow_norm_forward(x, groups, gamma, EPS, cfg=fwd_cfg)
+            return gk.grow_norm_backward(gy, x, rnorm, groups, gamma, EPS, cfg=bwd_cfg)
+
+        return step
+
+    both = interleaved({"fused": train(fused), "eager": train(grow_norm), "compiled": train(compiled),
+                        "direct": direct(None, None), "direct_whole": direct(whole_fwd, whole_bwd)}, rounds, iters)
     return forward, both
 
 
@@ -239,6 +260,8 @@ def time_kernels(copy_bw: float, rounds: int, iters: int) -> list[dict]:
                 best = min(aot, key=aot.get)
                 row["aot_best_tactic"] = int(best[3:])
                 row["aot_bandwidth_fraction"] = moved / aot[best] / copy_bw
+            row["default_over_whole_forward"] = forward["fused"] / forward["fused_whole"]
+            row["default_over_whole_train"] = both["direct"] / both["direct_whole"]
             row["input_sets"] = len(xs)
             rows.append(row)
             print(f"time {row['dtype']} {shape}: fused {forward['fused'] * 1e6:.1f} us "
@@ -287,14 +310,15 @@ def markdown(report: dict) -> str:
     lines = [(f"GPU check on {report['device']} (torch {report['torch']}, triton {report['triton']}); "
               f"copy bandwidth {report['copy_bandwidth_gbs']:.0f} GB/s"), "",
              ("| dtype | shape | fused fwd | % copy bw | engine kernel % copy bw | eager ÷ fused | compile ÷ fused "
-              "| fwd+bwd eager ÷ fused | fwd+bwd compile ÷ fused |"),
-             "|---|---|---|---|---|---|---|---|---|"]
+              "| fwd+bwd eager ÷ fused | fwd+bwd compile ÷ fused | chunked ÷ whole-group (fwd, fwd+bwd) |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.get("timing", []):
         aot = (f"{r['aot_bandwidth_fraction']:.0%} (tactic {r['aot_best_tactic']})" if "aot_bandwidth_fraction" in r
                else "—")
         lines.append(f"| {r['dtype']} | {r['shape']} | {r['forward_s']['fused'] * 1e6:.1f} µs | "
                      f"{r['fused_bandwidth_fraction']:.0%} | {aot} | {r['eager_over_fused']:.2f} | "
-                     f"{r['compiled_over_fused']:.2f} | {r['train_eager_over_fused']:.2f} | {r['train_compiled_over_fused']:.2f} |")
+                     f"{r['compiled_over_fused']:.2f} | {r['train_eager_over_fused']:.2f} | {r['train_compiled_over_fused']:.2f} "
+                     f"| {r['default_over_whole_forward']:.2f}, {r['default_over_whole_train']:.2f} |")
     if "training" in report:
         t = report["training"]
         lines += ["", f"Training step, {t['model']}, batch {t['batch']}: composite ÷ fused = {t['composite_over_fused']:.3f}"]

@@ -430,9 +430,11 @@ def grow_norm_forward(
     groups: Sequence[int],
     gamma: torch.Tensor | None = None,
     eps: float = DEFAULT_EPS,
+    cfg: BlockConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel.  Returns ``(y, rnorm)``: ``y`` like ``x``; ``rnorm`` fp32
-    ``[N, G, *spatial]``, the reciprocal clamped group norms the backward reuses."""
+    ``[N, G, *spatial]``, the reciprocal clamped group norms the backward reuses.  ``cfg``: the tile
+    configuration (default: :func:`block_config`)."""
     groups = _check_groups(groups)
     eps = _check_eps(eps)
     n, c, s = _shape(x, groups)
@@ -443,13 +445,19 @@ def grow_norm_forward(
     rnorm = torch.empty((n, len(groups)) + tuple(x.shape[2:]), device=x.device, dtype=torch.float32)
     if x.numel() == 0:
         return y, rnorm
-    cfg = block_config(groups, s, n)
+    cfg = _layout_checked(cfg or block_config(groups, s, n), s)
     grownorm_fwd_kernel[cfg.grid(n, s)](
         x, g32 if g32 is not None else x, y, rnorm, n, s,
         GROUPS=groups, C=c, EPS=eps, HAS_GAMMA=g32 is not None, STORE_RNORM=True, ROWS=cfg.rows,
         BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, num_warps=cfg.num_warps,
     )
     return y, rnorm
+
+
+def _layout_checked(cfg: BlockConfig, s: int) -> BlockConfig:
+    if cfg.rows and s != 1:
+        raise ValueError(f"GrowNorm: the [N, C] tile layout needs S == 1, got S = {s}")
+    return cfg
 
 
 def forward_into(
@@ -472,9 +480,7 @@ def forward_into(
         raise ValueError("GrowNorm forward_into needs contiguous x and y of the same shape and dtype")
     if x.numel() == 0:
         return
-    cfg = cfg or block_config(groups, s, n)
-    if cfg.rows and s != 1:
-        raise ValueError(f"GrowNorm: the [N, C] tile layout needs S == 1, got S = {s}")
+    cfg = _layout_checked(cfg or block_config(groups, s, n), s)
     grownorm_fwd_kernel[cfg.grid(n, s)](
         x, g32 if g32 is not None else x, y, y, n, s,
         GROUPS=groups, C=c, EPS=eps, HAS_GAMMA=g32 is not None, STORE_RNORM=False, ROWS=cfg.rows,
@@ -490,10 +496,12 @@ def grow_norm_backward(
     gamma: torch.Tensor | None = None,
     eps: float = DEFAULT_EPS,
     need_grad_gamma: bool = True,
+    cfg: BlockConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the backward kernel.  Returns ``(grad_x, grad_gamma)``; ``grad_gamma`` is ``None`` without
     gamma or with ``need_grad_gamma=False``, else in gamma's dtype (reduced in fp32: per-program
-    partials ``[num_programs, C]`` summed by torch)."""
+    partials ``[num_programs, C]`` summed by torch).  ``cfg``: the tile configuration (default:
+    :func:`block_config` with half the forward's budget)."""
     groups = _check_groups(groups)
     eps = _check_eps(eps)
     n, c, s = _shape(x, groups)
@@ -510,7 +518,7 @@ def grow_norm_backward(
     want_dgamma = g32 is not None and need_grad_gamma
     if x.numel() == 0:
         return grad_x, (torch.zeros_like(gamma) if want_dgamma else None)
-    cfg = block_config(groups, s, n, budget=_TILE_BUDGET // 2)
+    cfg = _layout_checked(cfg or block_config(groups, s, n, budget=_TILE_BUDGET // 2), s)
     grid = cfg.grid(n, s)
     partial = torch.empty((grid[0], c) if want_dgamma else (1,), device=x.device, dtype=torch.float32)
     grownorm_bwd_kernel[grid](

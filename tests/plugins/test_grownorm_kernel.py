@@ -398,6 +398,30 @@ def test_trt_kernel_runs_with_its_launch_info(gk, device, shape, groups, spatial
     _assert_close(y, grow_norm(x.cpu().double(), groups, gamma.cpu().double(), EPS), 1e-5, "y")
 
 
+@pytest.mark.parametrize("shape, groups", [((6, 300), (200, 100)), ((2, 40, 3, 5), (24, 16))])
+def test_forward_and_backward_with_whole_group_tiles(gk, device, shape, groups):
+    """The PyTorch path's kernels with an explicit (whole-group) tile configuration, against float64."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=gen).to(device)
+    gamma = (torch.rand(shape[1], generator=gen) + 0.5).to(device)
+    gy = torch.randn(shape, generator=gen).to(device)
+    s = 1 if len(shape) == 2 else shape[2] * shape[3]
+    fwd = gk.block_config(groups, s, shape[0], budget=8192, whole_groups=True)
+    bwd = gk.block_config(groups, s, shape[0], budget=4096, whole_groups=True)
+    assert fwd.block_c == bwd.block_c == (256 if len(shape) == 2 else 32)  # next_pow2 of the largest group
+    y, rnorm = gk.grow_norm_forward(x, groups, gamma, EPS, cfg=fwd)
+    dx, dgamma = gk.grow_norm_backward(gy, x, rnorm, groups, gamma, EPS, cfg=bwd)
+    xr, gr = x.cpu().double().requires_grad_(), gamma.cpu().double().requires_grad_()
+    ref = grow_norm(xr, groups, gr, EPS)
+    ref_dx, ref_dg = torch.autograd.grad(ref, (xr, gr), gy.cpu().double())
+    _assert_close(y, ref.detach(), 1e-5, "y")
+    _assert_close(dx, ref_dx, 1e-4, "dx")
+    _assert_close(dgamma, ref_dg, 1e-4, "dgamma")
+    with pytest.raises(ValueError, match=r"\[N, C\] tile layout needs S == 1"):
+        gk.grow_norm_forward(torch.randn(2, 40, 3, 5, device=device), (24, 16),
+                             cfg=gk.block_config((24, 16), 1, budget=8192, whole_groups=True))
+
+
 @pytest.mark.parametrize("shape, groups", [((6, 3000), (2000, 1000)), ((2, 40, 3, 5), (24, 16))])
 def test_forward_into_writes_the_callers_output(gk, device, shape, groups):
     """TensorRT's JIT path writes into the buffer it is given, with any tile configuration."""
