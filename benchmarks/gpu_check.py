@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from surgeon.grow.grownorm import grow_norm, use_fused_kernel
 
@@ -128,17 +129,21 @@ def check_aot(cases=CHECK_CASES) -> list[dict]:
     return rows
 
 
+_QUEUE_CYCLES = 60_000_000  # ~30 ms of GPU clock: longer than the host needs to queue one timed batch
+
+
 def _cuda_times(fn, iters: int) -> list[float]:
-    """Seconds per call, each call timed with CUDA events."""
-    out = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    """Seconds per call on the GPU: the GPU first sleeps while the host queues every call between
+    event pairs, so the times hold the kernels alone, not the host's launch overhead."""
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    torch.cuda._sleep(_QUEUE_CYCLES)
+    for start, end in zip(starts, ends):
         start.record()
         fn()
         end.record()
-        end.synchronize()
-        out.append(start.elapsed_time(end) / 1e3)
-    return out
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)]
 
 
 def interleaved(fns: dict, rounds: int, iters: int) -> dict[str, float]:
@@ -179,95 +184,144 @@ def input_sets(x: torch.Tensor, l2_bytes: int) -> list[torch.Tensor]:
     return [x] + [x.clone() for _ in range(count - 1)]
 
 
+def _agrees(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Same values up to the dtype's tolerance (max-norm, relative to max |want|)."""
+    tol = TOLERANCE[want.dtype][1]
+    return bool(torch.isfinite(got).all()) and _rel(got, want.double()) <= tol
+
+
 def _time_case(xs: list[torch.Tensor], gamma: torch.Tensor, groups: tuple[int, ...], rounds: int,
-               iters: int) -> tuple[dict, dict]:
-    """Median seconds of forward (fused kernel, eager composite, compiled composite, and the engine's
-    kernel for each tactic) and of forward+backward (the first three); each call takes the next of
-    ``xs`` (copies of one input, so the timings measure device memory, not the L2 cache)."""
+               iters: int) -> tuple[dict, dict, dict]:
+    """Median seconds of forward (fused kernel, eager composite, compiled composite, the PyTorch
+    path with whole-group tiles, the engine's kernel for each tactic) and of forward+backward (fused,
+    eager, compiled, and the kernels called directly with default and with whole-group tiles); each
+    call takes the next of ``xs`` (copies of one input, so the timings measure device memory, not
+    the L2 cache).  Every variant's output is checked against the fused kernel's before it is timed;
+    one that disagrees or fails is left out and named in the returned notes."""
+    import surgeon_plugins.grownorm_kernel as gk
     from surgeon_plugins.grownorm_trt import TACTICS
 
+    torch._dynamo.reset()  # a fresh compile per case: dynamo's recompile limit would fall back to eager
     fused = _kernel()
     compiled = torch.compile(grow_norm, dynamic=False)
-    candidates = {}
-    for name, fn in (("fused", fused), ("eager", grow_norm), ("compiled", compiled)):
-        take = _rotating(xs)
-        candidates[name] = functools.partial(lambda f, t: f(t(), groups, gamma, EPS), fn, take)
-    # the PyTorch path with whole-group tiles (the default is chunked): data for choosing its default
-    import surgeon_plugins.grownorm_kernel as gk
-
     n, s = xs[0].shape[0], xs[0][0, 0].numel()
-    whole_fwd = gk.block_config(groups, s, n, budget=8192, whole_groups=True)
-    whole_bwd = gk.block_config(groups, s, n, budget=4096, whole_groups=True)
-    take = _rotating(xs)
-    candidates["fused_whole"] = lambda: gk.grow_norm_forward(take(), groups, gamma, EPS, cfg=whole_fwd)
+    configs = {"default_fwd": gk.block_config(groups, s, n), "default_bwd": gk.block_config(groups, s, n, budget=2048),
+               "whole_fwd": gk.block_config(groups, s, n, budget=8192, whole_groups=True),
+               "whole_bwd": gk.block_config(groups, s, n, budget=8192, whole_groups=True)}
+    notes: dict = {"configs": {k: vars(v) for k, v in configs.items()}, "rejected": {}}
+    want = fused(xs[0], groups, gamma, EPS)
     aot, out = {}, torch.empty_like(xs[0])
-    try:  # every tactic TensorRT times when it builds the engine; it keeps the fastest
-        for tactic in TACTICS:
+
+    def admit(name: str, check, fn) -> bool:
+        try:
+            ok = _agrees(check(), want)
+        except Exception as exc:  # noqa: BLE001 (recorded; the other variants are still timed)
+            notes["rejected"][name] = f"{type(exc).__name__}: {exc}"[:300]
+            return False
+        if not ok:
+            notes["rejected"][name] = "output disagrees with the fused kernel's"
+            return False
+        candidates[name] = fn
+        return True
+
+    candidates: dict = {}
+    for name, fn in (("fused", fused), ("eager", grow_norm), ("compiled", compiled)):
+        candidates[name] = functools.partial(lambda f, t: f(t(), groups, gamma, EPS), fn, _rotating(xs))
+    admit("fused_whole", lambda: gk.grow_norm_forward(xs[0], groups, gamma, EPS, cfg=configs["whole_fwd"])[0],
+          functools.partial(lambda t: gk.grow_norm_forward(t(), groups, gamma, EPS, cfg=configs["whole_fwd"]),
+                            _rotating(xs)))
+    for tactic in TACTICS:  # every tactic TensorRT times when it builds the engine; it keeps the fastest
+        try:
             aot[tactic] = _aot_kernel(groups, xs[0].shape, xs[0].dtype, tactic)
-            take = _rotating(xs)
-            candidates[f"aot{tactic}"] = functools.partial(lambda k, t: k(t(), gamma, out), aot[tactic], take)
-    except Exception as exc:  # noqa: BLE001 (the other timings still count)
-        print(f"aot kernel not timed: {exc}", flush=True)
+        except Exception as exc:  # noqa: BLE001 (recorded)
+            notes["rejected"][f"aot{tactic}"] = f"{type(exc).__name__}: {exc}"[:300]
+            continue
+        out.fill_(float("nan"))
+        admit(f"aot{tactic}", functools.partial(lambda k: k(xs[0], gamma, out), aot[tactic]),
+              functools.partial(lambda k, t: k(t(), gamma, out), aot[tactic], _rotating(xs)))
     forward = interleaved(candidates, rounds, iters)
     for kernel in aot.values():
         kernel.unload()
+
     xgs = [x.clone().requires_grad_() for x in xs]
+    gys = [torch.randn_like(xs[0]) for _ in xs]
     gg = gamma.clone().requires_grad_()
-    gy = torch.randn_like(xs[0])
 
     def train(fn):
-        take = _rotating(xgs)
+        take_x, take_gy = _rotating(xgs), _rotating(gys)
 
         def step():
-            xg = take()
-            return torch.autograd.grad(fn(xg, groups, gg, EPS), (xg, gg), gy)
+            xg = take_x()
+            return torch.autograd.grad(fn(xg, groups, gg, EPS), (xg, gg), take_gy())
 
         return step
 
-    def direct(fwd_cfg, bwd_cfg):  # the kernels without autograd, default or whole-group tiles
-        take = _rotating(xs)
+    def direct(fwd_cfg, bwd_cfg):  # the kernels without autograd
+        take_x, take_gy = _rotating(xs), _rotating(gys)
 
         def step():
-            x = take()
+            x = take_x()
             _, rnorm = gk.grow_norm_forward(x, groups, gamma, EPS, cfg=fwd_cfg)
-            return gk.grow_norm_backward(gy, x, rnorm, groups, gamma, EPS, cfg=bwd_cfg)
+            return gk.grow_norm_backward(take_gy(), x, rnorm, groups, gamma, EPS, cfg=bwd_cfg)
 
         return step
 
-    both = interleaved({"fused": train(fused), "eager": train(grow_norm), "compiled": train(compiled),
-                        "direct": direct(None, None), "direct_whole": direct(whole_fwd, whole_bwd)}, rounds, iters)
-    return forward, both
+    candidates = {"fused": train(fused), "eager": train(grow_norm), "compiled": train(compiled)}
+    want = gk.grow_norm_backward(gys[0], xs[0], gk.grow_norm_forward(xs[0], groups, gamma, EPS)[1], groups, gamma, EPS)[0]
+
+    def first_dx(fwd_cfg, bwd_cfg):
+        _, rnorm = gk.grow_norm_forward(xs[0], groups, gamma, EPS, cfg=fwd_cfg)
+        return gk.grow_norm_backward(gys[0], xs[0], rnorm, groups, gamma, EPS, cfg=bwd_cfg)[0]
+
+    admit("direct", lambda: first_dx(configs["default_fwd"], configs["default_bwd"]), direct(None, None))
+    admit("direct_whole", lambda: first_dx(configs["whole_fwd"], configs["whole_bwd"]),
+          direct(configs["whole_fwd"], configs["whole_bwd"]))
+    both = interleaved(candidates, rounds, iters)
+    return forward, both, notes
 
 
-def time_kernels(copy_bw: float, rounds: int, iters: int) -> list[dict]:
+def case_row(x: torch.Tensor, groups, forward: dict, both: dict, notes: dict, copy_bw: float) -> dict:
+    """One row of the timing table from ``_time_case``'s medians (``x``: the case's input)."""
+    moved = 2 * x.numel() * x.element_size()  # x read once, y written once: the floor
+    row = {"dtype": str(x.dtype).split(".")[-1], "shape": list(x.shape), "groups": list(groups),
+           "forward_s": forward, "forward_backward_s": both, **notes,
+           "fused_bandwidth_fraction": moved / forward["fused"] / copy_bw,
+           "eager_over_fused": forward["eager"] / forward["fused"],
+           "compiled_over_fused": forward["compiled"] / forward["fused"],
+           "train_eager_over_fused": both["eager"] / both["fused"],
+           "train_compiled_over_fused": both["compiled"] / both["fused"]}
+    whole = triton.next_power_of_2(max(groups))  # BLOCK_C of a whole-group tile
+    if "fused_whole" in forward and notes["configs"]["whole_fwd"]["block_c"] >= whole:
+        row["default_over_whole_forward"] = forward["fused"] / forward["fused_whole"]
+    if {"direct", "direct_whole"} <= both.keys() and notes["configs"]["whole_bwd"]["block_c"] >= whole:
+        row["default_over_whole_train"] = both["direct"] / both["direct_whole"]
+    aot = {k: v for k, v in forward.items() if k.startswith("aot")}
+    if aot:
+        best = min(aot, key=aot.get)
+        row["aot_best_tactic"] = int(best[3:])
+        row["aot_bandwidth_fraction"] = moved / aot[best] / copy_bw
+    return row
+
+
+def time_kernels(copy_bw: float, rounds: int, iters: int, on_row=None) -> list[dict]:
+    """The timing table; ``on_row(row)`` is called after each case (gpu_check saves the report there)."""
     rows = []
     for dtype in (torch.float32, torch.float16):
         for shape, groups in TIMING_CASES:
             x = torch.randn(shape, device="cuda", dtype=dtype)
             gamma = torch.rand(shape[1], device="cuda") + 0.5
             xs = input_sets(x, torch.cuda.get_device_properties(0).L2_cache_size)
-            forward, both = _time_case(xs, gamma, groups, rounds, iters)
-            moved = 2 * x.numel() * x.element_size()  # x read once, y written once: the floor
-            row = {"dtype": str(dtype).split(".")[-1], "shape": list(shape), "groups": list(groups),
-                   "forward_s": forward, "forward_backward_s": both,
-                   "fused_bandwidth_fraction": moved / forward["fused"] / copy_bw,
-                   "eager_over_fused": forward["eager"] / forward["fused"],
-                   "compiled_over_fused": forward["compiled"] / forward["fused"],
-                   "train_eager_over_fused": both["eager"] / both["fused"],
-                   "train_compiled_over_fused": both["compiled"] / both["fused"]}
-            aot = {k: v for k, v in forward.items() if k.startswith("aot")}
-            if aot:
-                best = min(aot, key=aot.get)
-                row["aot_best_tactic"] = int(best[3:])
-                row["aot_bandwidth_fraction"] = moved / aot[best] / copy_bw
-            row["default_over_whole_forward"] = forward["fused"] / forward["fused_whole"]
-            row["default_over_whole_train"] = both["direct"] / both["direct_whole"]
+            forward, both, notes = _time_case(xs, gamma, groups, rounds, iters)
+            row = case_row(x, groups, forward, both, notes, copy_bw)
             row["input_sets"] = len(xs)
             rows.append(row)
+            if on_row is not None:
+                on_row(row)
             print(f"time {row['dtype']} {shape}: fused {forward['fused'] * 1e6:.1f} us "
                   f"({row['fused_bandwidth_fraction']:.0%} of copy bw), eager/fused {row['eager_over_fused']:.2f}, "
                   f"compiled/fused {row['compiled_over_fused']:.2f}; fwd+bwd eager/fused {row['train_eager_over_fused']:.2f}, "
-                  f"compiled/fused {row['train_compiled_over_fused']:.2f}", flush=True)
+                  f"compiled/fused {row['train_compiled_over_fused']:.2f}; rejected {sorted(notes['rejected']) or 'none'}",
+                  flush=True)
     return rows
 
 
@@ -315,10 +369,12 @@ def markdown(report: dict) -> str:
     for r in report.get("timing", []):
         aot = (f"{r['aot_bandwidth_fraction']:.0%} (tactic {r['aot_best_tactic']})" if "aot_bandwidth_fraction" in r
                else "—")
+        whole = ", ".join(f"{r[k]:.2f}" if k in r else "—"
+                          for k in ("default_over_whole_forward", "default_over_whole_train"))
         lines.append(f"| {r['dtype']} | {r['shape']} | {r['forward_s']['fused'] * 1e6:.1f} µs | "
                      f"{r['fused_bandwidth_fraction']:.0%} | {aot} | {r['eager_over_fused']:.2f} | "
                      f"{r['compiled_over_fused']:.2f} | {r['train_eager_over_fused']:.2f} | {r['train_compiled_over_fused']:.2f} "
-                     f"| {r['default_over_whole_forward']:.2f}, {r['default_over_whole_train']:.2f} |")
+                     f"| {whole} |")
     if "training" in report:
         t = report["training"]
         lines += ["", f"Training step, {t['model']}, batch {t['batch']}: composite ÷ fused = {t['composite_over_fused']:.3f}"]
@@ -348,7 +404,6 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check needs a CUDA GPU")
-    import triton
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -358,10 +413,14 @@ def main() -> None:
     # the longest part (a torch.compile per case) last: a run cut short keeps the rest
     parts = [("checks", check_correctness), ("aot_checks", check_aot),
              ("training", lambda: training_step(args.rounds, args.batch)),
-             ("timing", lambda: time_kernels(report["copy_bandwidth_gbs"] * 1e9, args.rounds, args.iters))]
+             ("timing", lambda: time_kernels(report["copy_bandwidth_gbs"] * 1e9, args.rounds, args.iters,
+                                             on_row=lambda row: (report.setdefault("timing", []).append(row),
+                                                                 _write(out, report))))]
     for key, part in parts:
         try:
-            report[key] = part()
+            result = part()
+            if key != "timing":  # timing rows are added (and saved) one by one as they come
+                report[key] = result
         except Exception:  # noqa: BLE001 (recorded; the other parts still run)
             report["errors"][key] = traceback.format_exc()
             print(f"{key} failed:\n{report['errors'][key]}", flush=True)

@@ -103,6 +103,10 @@ class AotKernel:
         s = 1
         for d in x.shape[2:]:
             s *= int(d)
+        if self.info["rows"] and s != 1:
+            raise ValueError(f"this kernel was compiled for the [N, C] layout (S == 1), got S = {s}")
+        if x.numel() == 0:
+            return y  # nothing to launch (a grid of 0 blocks is an error to the driver)
         grid = self.info["grid"](n, s)
         params, keep = kernel_params([("ptr", x.data_ptr()), ("ptr", gamma.data_ptr()), ("i32", n), ("i32", s),
                                       ("ptr", y.data_ptr())])

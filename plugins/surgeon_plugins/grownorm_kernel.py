@@ -35,21 +35,22 @@ One program owns ``BLOCK_S`` positions and all ``C`` channels of them; there are
 Per group, in chunks of ``BLOCK_C`` channels (the last chunk masked; a group smaller than
 ``BLOCK_C`` uses the next power of two of its size): pass 1 accumulates ``x^2`` in an fp32
 ``[BLOCK_C, BLOCK_S]`` register tile and reduces it over channels once; ``r`` is computed with IEEE
-``sqrt``/division; pass 2 re-reads ``x``, multiplies by ``r * gamma`` and writes ``y``.  When a
-group fits in one chunk, Triton's common-subexpression elimination merges the two loads (the PTX
-has one load per element), so such groups are read once.  The
-PyTorch forward also writes ``r`` (fp32, ``[N, G, *spatial]``) for the backward.
+``sqrt``/division; pass 2 re-reads ``x``, multiplies by ``r * gamma`` and writes ``y``.  The
+PyTorch forward then writes ``r`` (fp32, ``[N, G, *spatial]``) for the backward.  When a group fits
+in one chunk, Triton's common-subexpression elimination merges the two loads of ``x`` (nothing is
+stored between them; the PTX has one load per element), so such groups are read once.
 
 The backward kernel has the same grid: pass 1 accumulates ``sum x^2`` (for the clamp test) and
 ``sum x * dxh`` per position; pass 2 re-reads ``x`` and ``gy``, writes ``dx`` and, if gamma needs a
 gradient, stores this program's per-channel partial ``sum_s gy * x * r`` into an fp32 buffer
 ``[num_programs, C]`` that torch then sums over programs (deterministic; no atomics).
 
-Memory traffic (the kernels are bandwidth-bound): forward reads ``x`` twice (once per pass; the
-re-read of a program's ``group x BLOCK_S`` slice may hit in L2 -- not measured here) and writes ``y``
-once, plus ``C`` gamma values per program (cache-resident) and, on the PyTorch path, ``N*G*S`` fp32
-``r`` values.  Backward reads ``x`` and
-``gy`` twice each, reads ``r`` and writes ``dx`` once, plus ``C`` fp32 partials per program.
+Memory traffic (the kernels are bandwidth-bound): forward reads ``x`` twice where a group spans
+several chunks (once per pass; the re-read of a program's ``group x BLOCK_S`` slice may hit in L2 --
+not measured here), once where it fits one, and writes ``y`` once, plus ``C`` gamma values per
+program (cache-resident) and, on the PyTorch path, ``N*G*S`` fp32 ``r`` values.  Backward reads
+``x`` and ``gy`` twice each (once for one-chunk groups), reads ``r`` and writes ``dx`` once, plus
+``C`` fp32 partials per program.
 
 Block heuristic (:func:`block_config`): ``S > 1``: ``BLOCK_S = min(next_pow2(S), 64)`` and
 ``BLOCK_C`` fills the tile budget; ``S == 1``: ``BLOCK_C = min(next_pow2(max group), 2048)`` and
@@ -168,12 +169,8 @@ def _fwd_group(Xp, GAMMA, Yp, Rp, x_pos, r_pos, p_mask, S,
         acc += x * x
     ss = tl.reduce(acc, 0, _sum_combine)
     r = tl.div_rn(1.0, tl.sqrt_rn(tl.maximum(ss, EPS * EPS)))
-    if STORE_RNORM:
-        if ROWS:
-            tl.store(Rp + (r_pos + G_IDX), r, mask=p_mask)
-        else:
-            tl.store(Rp + (r_pos + G_IDX * S), r, mask=p_mask)
-    # pass 2: re-read, scale by r * gamma, write
+    # pass 2: re-read, scale by r * gamma, write (no store before these loads: a one-chunk group's
+    # two loads then merge into one)
     for c0 in range(G_START, G_START + G_SIZE, BC):
         c, c_mask, offs, m = _chunk(c0, G_START + G_SIZE, S, x_pos, p_mask, ROWS, BC)
         x = tl.load(Xp + offs, mask=m, other=0.0).to(tl.float32)
@@ -183,6 +180,11 @@ def _fwd_group(Xp, GAMMA, Yp, Rp, x_pos, r_pos, p_mask, S,
         else:
             scale = r[None, :]
         tl.store(Yp + offs, (x * scale).to(Yp.dtype.element_ty), mask=m)
+    if STORE_RNORM:
+        if ROWS:
+            tl.store(Rp + (r_pos + G_IDX), r, mask=p_mask)
+        else:
+            tl.store(Rp + (r_pos + G_IDX * S), r, mask=p_mask)
 
 
 @triton.jit

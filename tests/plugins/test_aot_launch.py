@@ -37,7 +37,8 @@ def test_kernel_params_point_at_each_value_in_order():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape, groups", [((6, 1000, 7, 7), (600, 400)), ((33, 5120), (4096, 1024)),
-                                           ((2, 3, 5, 5), (1, 2)), ((4, 130, 3, 1), (64, 66))])
+                                           ((2, 3, 5, 5), (1, 2)), ((4, 130, 3, 1), (64, 66)),
+                                           ((8, 512, 14, 14), (448, 64))])  # the last: tactic 4 is whole-group
 def test_aot_ptx_launched_like_tensorrt_matches_the_reference(gk, dtype, shape, groups):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")

@@ -376,8 +376,9 @@ def test_pytorch_path_kernels_compile_for_gpus(gk, arch):
             assert kinds == ["ptr"] * len(pointers) + ["u32", "u32", "ptr", "ptr"]
 
 
-@pytest.mark.parametrize("shape, groups, spatial", [((5, 12), (4, 8), 1), ((2, 12, 3, 3), (4, 8), None)],
-                         ids=["NC", "NCHW"])
+@pytest.mark.parametrize("shape, groups, spatial", [((5, 12), (4, 8), 1), ((2, 12, 3, 3), (4, 8), None),
+                                                    ((2, 300, 7, 7), (200, 100), None)],
+                         ids=["NC", "NCHW", "NCHW-chunked-or-whole"])
 @pytest.mark.parametrize("tactic", [1, 2, 3, 4])
 def test_trt_kernel_runs_with_its_launch_info(gk, device, shape, groups, spatial, tactic):
     """Launch the TensorRT-facing kernel of each tactic exactly as launch_info describes; check the numbers."""
@@ -398,7 +399,8 @@ def test_trt_kernel_runs_with_its_launch_info(gk, device, shape, groups, spatial
     _assert_close(y, grow_norm(x.cpu().double(), groups, gamma.cpu().double(), EPS), 1e-5, "y")
 
 
-@pytest.mark.parametrize("shape, groups", [((6, 300), (200, 100)), ((2, 40, 3, 5), (24, 16))])
+@pytest.mark.parametrize("shape, groups", [((6, 300), (200, 100)), ((2, 40, 3, 5), (24, 16)),
+                                           ((2, 300, 7, 7), (200, 100))])
 def test_forward_and_backward_with_whole_group_tiles(gk, device, shape, groups):
     """The PyTorch path's kernels with an explicit (whole-group) tile configuration, against float64."""
     gen = torch.Generator().manual_seed(3)
@@ -408,7 +410,10 @@ def test_forward_and_backward_with_whole_group_tiles(gk, device, shape, groups):
     s = 1 if len(shape) == 2 else shape[2] * shape[3]
     fwd = gk.block_config(groups, s, shape[0], budget=8192, whole_groups=True)
     bwd = gk.block_config(groups, s, shape[0], budget=4096, whole_groups=True)
-    assert fwd.block_c == bwd.block_c == (256 if len(shape) == 2 else 32)  # next_pow2 of the largest group
+    assert fwd.block_c == bwd.block_c == (32 if groups == (24, 16) else 256)  # next_pow2 of the largest group
+    if shape == (2, 300, 7, 7):  # where the default tiles are chunked: a different kernel is checked
+        assert fwd != gk.block_config(groups, s, shape[0])
+        assert bwd != gk.block_config(groups, s, shape[0], budget=2048)
     y, rnorm = gk.grow_norm_forward(x, groups, gamma, EPS, cfg=fwd)
     dx, dgamma = gk.grow_norm_backward(gy, x, rnorm, groups, gamma, EPS, cfg=bwd)
     xr, gr = x.cpu().double().requires_grad_(), gamma.cpu().double().requires_grad_()
@@ -462,9 +467,7 @@ def test_grownorm_module_uses_the_kernel_on_cuda(gk):
         gn.use_fused_kernel(True)
 
 
-def test_gpu_check_script_correctness_part_runs(gk, device, tmp_path):
-    """benchmarks/gpu_check.py's correctness part on this machine's device (the interpreter here), on
-    small cases: the script that runs on a GPU machine is exercised before it gets there."""
+def _gpu_check_script():
     import importlib.util
     from pathlib import Path
 
@@ -472,6 +475,48 @@ def test_gpu_check_script_correctness_part_runs(gk, device, tmp_path):
     spec = importlib.util.spec_from_file_location("_gpu_check", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_gpu_check_timing_part_runs_its_variants(gk, device, monkeypatch):
+    """gpu_check's timing of one case, here: every variant runs once through the same code (the
+    kernels under the interpreter), a stand-in returns one time per variant in place of CUDA events,
+    torch.compile is the identity, and the engine's kernel cannot load (no CUDA driver) -- so the
+    row it builds says which variants were timed, which were left out and why, and the ratios."""
+    script = _gpu_check_script()
+    ran = []
+
+    def fake_interleaved(fns, rounds, iters):
+        out = {}
+        for i, (name, fn) in enumerate(fns.items()):
+            fn()  # runs the variant's code (rotation, kernels, autograd)
+            ran.append(name)
+            out[name] = 1e-3 * (i + 1)
+        return out
+
+    monkeypatch.setattr(script, "interleaved", fake_interleaved)
+    monkeypatch.setattr(script.torch, "compile", lambda fn, **kw: fn)
+    groups = (200, 100)
+    x = torch.randn(2, 300, 7, 7, device=device)
+    gamma = torch.rand(300, device=device) + 0.5
+    forward, both, notes = script._time_case([x, x.clone()], gamma, groups, rounds=1, iters=1)
+    assert list(forward) == ["fused", "eager", "compiled", "fused_whole"]
+    assert list(both) == ["fused", "eager", "compiled", "direct", "direct_whole"]
+    assert ran == list(forward) + list(both)
+    assert sorted(notes["rejected"]) == ["aot1", "aot2", "aot3", "aot4"]  # no CUDA driver here: named, not fatal
+    assert notes["configs"]["whole_fwd"]["block_c"] == 256 and notes["configs"]["default_fwd"]["block_c"] == 64
+    row = script.case_row(x, groups, forward, both, notes, copy_bw=1e9)
+    assert row["default_over_whole_forward"] == forward["fused"] / forward["fused_whole"] == 0.25
+    assert row["default_over_whole_train"] == both["direct"] / both["direct_whole"] == 0.8
+    assert row["eager_over_fused"] == 2.0 and "aot_best_tactic" not in row
+    md = script.markdown({"device": "cpu", "torch": "-", "triton": "-", "copy_bandwidth_gbs": 1.0, "timing": [row]})
+    assert "| float32 | [2, 300, 7, 7] |" in md and "| 0.25, 0.80 |" in md
+
+
+def test_gpu_check_script_correctness_part_runs(gk, device, tmp_path):
+    """benchmarks/gpu_check.py's correctness part on this machine's device (the interpreter here), on
+    small cases: the script that runs on a GPU machine is exercised before it gets there."""
+    script = _gpu_check_script()
     rows = script.check_correctness(device.type, cases=[((3, 10, 2, 3), (6, 4)), ((4, 70), (69, 1))])
     assert len(rows) == 4 and all(r["ok"] for r in rows), rows
 
