@@ -19,9 +19,9 @@ PY=${PYTHON:-python3}
     "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/plugins 2>&1 | tee "$OUT/pytest-gpu.log"
+timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/plugins 2>&1 | tee "$OUT/pytest-gpu.log"
 tests=${PIPESTATUS[0]}
-timeout 380 "$PY" benchmarks/gpu_check.py --out "$OUT" 2>&1 | tee "$OUT/gpu_check.log"
+timeout 420 "$PY" benchmarks/gpu_check.py --out "$OUT" 2>&1 | tee "$OUT/gpu_check.log"
 check=${PIPESTATUS[0]}
 echo "gpu tests exit $tests, gpu_check exit $check"
 [ "$tests" -eq 0 ] && [ "$check" -eq 0 ]
