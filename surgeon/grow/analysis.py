@@ -243,7 +243,8 @@ def _classify(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> str:
             return f"stop:feeds {node.name}, a {node.target} surgeon cannot follow (write x.flatten(1) or x.view(x.size(0), -1))"
         if node.target == "mean":
             return "pool"
-    return f"stop:feeds {node.name} ({node.target}), which surgeon cannot widen through"
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"stop:feeds {node.name} ({target}), which surgeon cannot widen through"
 
 
 def _check_pool_or_flatten(kind: str, node: fx.Node, in_shape: tuple[int, ...]) -> str | None:

@@ -224,3 +224,19 @@ def test_model_that_does_not_run_at_input_size():
     gm = trace(Fixed())
     with pytest.raises(GrowthError, match="does not run on a 3x16x16 image"):
         apply_steps(gm, [GrowStep("wide", "fc", 4)], GrowthState(input_size=16))
+
+
+def test_refusal_names_a_function_by_its_name():
+    """A torch function the chain cannot pass is named plainly, not by its repr."""
+
+    class ChannelsLast(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(torch.permute(self.conv(x), (0, 2, 3, 1))).mean((1, 2))
+
+    msg = refuse(ChannelsLast(), [GrowStep("wide", "conv", 4)], size=16)
+    assert "(permute), which surgeon cannot widen through" in msg and "<built-in" not in msg
