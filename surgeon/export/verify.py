@@ -113,7 +113,21 @@ def torch_reference(model: nn.Module, pre: Preprocessing, *, calib: str | None =
     for what, x in input_sets(pre, calib, batches, max_batch=max_batch):
         with torch.no_grad():
             cases.append((what, x.numpy(), model(x).float().numpy()))
+    _check_deterministic(model, cases[0])
     return Reference(cases)
+
+
+def _check_deterministic(model: nn.Module, case: tuple[str, np.ndarray, np.ndarray]) -> None:
+    """The same input twice must give the same logits: a model that is random at inference (dropout
+    or stochastic depth frozen in training mode) cannot be verified, or deployed."""
+    _, x, expected = case
+    with torch.no_grad():
+        again = model(torch.from_numpy(x)).float().numpy()
+    _, rel = compare(expected, again)
+    if rel > 1e-6:
+        raise SurgeonError(f"PyTorch gives different logits for the same input twice in eval mode ({rel:.1e} of their "
+                           "scale): the model is random at inference (dropout or stochastic depth applied regardless "
+                           "of eval()?), so it cannot be verified")
 
 
 def verify(model: LeanModel | onnx.ModelProto | str | Path, reference: Reference, *, stage: str,

@@ -10,6 +10,8 @@ reason.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
 from dataclasses import dataclass, field
 
@@ -29,6 +31,12 @@ _ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh,
 )
 _PASS_MODULES: tuple[type[nn.Module], ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
+try:  # per-sample (or per-batch) scaling: commutes with a per-channel scale too
+    from torchvision.ops import StochasticDepth
+
+    _PASS_MODULES += (StochasticDepth,)
+except ImportError:  # torchvision is optional for user models
+    pass
 _BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, SplitBatchNorm)
 _POOL_MODULES: tuple[type[nn.Module], ...] = (
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
@@ -49,19 +57,41 @@ _MIXING_FUNCTIONS = {
 }
 
 
+@functools.cache
+def _forward_reads_training(cls: type) -> bool:
+    try:
+        return "self.training" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):  # no source (built in, generated): assume not
+        return False
+
+
+def reads_training(m: nn.Module) -> bool:
+    """A module without children whose forward reads ``self.training`` (torchvision's
+    StochasticDepth, a user's dropout-like module): fx, tracing through it, would freeze the flag at
+    its value during tracing, so it is kept as one node that follows ``.train()``/``.eval()``."""
+    return next(m.children(), None) is None and _forward_reads_training(type(m))
+
+
 class SurgeonTracer(fx.Tracer):
-    """torch.fx tracer that keeps torch.nn modules and surgeon's own modules as single nodes."""
+    """torch.fx tracer that keeps torch.nn modules, surgeon's own modules and modules whose
+    forward depends on ``self.training`` as single nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (GrowNorm, *SURGEON_LEAF_MODULES)):
+        if isinstance(m, (GrowNorm, *SURGEON_LEAF_MODULES)) or reads_training(m):
             return True
         return super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model`` (a GraphModule is returned as is)."""
+    """Symbolically trace ``model`` (a GraphModule is returned as is).
+
+    Traced in eval mode: whatever fx still freezes of ``self.training`` (a model's own
+    ``if self.training`` or ``F.dropout(x, p, self.training)``) is the inference behaviour, never
+    training-time randomness baked into the deployed model."""
     if isinstance(model, fx.GraphModule):
         return model
+    was_training = model.training
+    model.eval()
     try:
         graph = SurgeonTracer().trace(model)
     except Exception as exc:  # fx raises many types; the user needs the first line only
@@ -70,7 +100,10 @@ def trace(model: nn.Module) -> fx.GraphModule:
             f"{type(model).__name__} cannot be traced by torch.fx ({first}); growth needs a model whose "
             "forward has no data-dependent control flow"
         ) from exc
+    finally:
+        model.train(was_training)
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    gm.train(was_training)
     # The GraphModule keeps only modules the forward calls; remember the rest for error messages.
     gm.meta["surgeon_all_modules"] = {name: type(m).__name__ for name, m in model.named_modules() if name}
     return gm

@@ -297,3 +297,22 @@ def test_large_model_path_uses_external_data(tmp_path, monkeypatch, wwa):
     with torch.no_grad():
         want = surgeon.load(ckpt)(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(sess.run(None, {"images": x})[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_a_model_random_at_inference_is_refused():
+    """Randomness in eval mode (here dropout applied regardless of eval()) cannot be verified: the
+    reference says so instead of reporting a numeric mismatch."""
+    from surgeon.errors import SurgeonError
+    from surgeon.export.verify import torch_reference
+
+    class AlwaysDrops(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 32 * 32, 4)
+
+        def forward(self, x):
+            return self.fc(torch.nn.functional.dropout(x.flatten(1), 0.5, training=True))
+
+    with pytest.raises(SurgeonError, match="different logits for the same input twice in eval mode"):
+        torch_reference(AlwaysDrops(), DIGITS_PREPROCESSING)
+    torch_reference(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4)), DIGITS_PREPROCESSING)

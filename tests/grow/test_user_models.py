@@ -148,3 +148,65 @@ def test_fixed_view_is_refused_before_editing():
     msg = str(info.value)
     assert "--input-size" not in msg and ("view" in msg or "reshape" in msg) and "growable layers" in msg
     assert {k: v.shape for k, v in gm.state_dict().items()} == before
+
+
+class _SkipBlock(nn.Module):
+    """A residual block with stochastic depth (as in EfficientNet/ConvNeXt), plus a parameterless
+    module of the user's that reads self.training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.ops import StochasticDepth
+
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.drop = StochasticDepth(0.5, "row")
+
+    def forward(self, x):
+        return x + self.drop(self.conv(x))
+
+
+class _Noise(nn.Module):
+    def forward(self, x):
+        return x + torch.randn_like(x) if self.training else x
+
+
+class _StochasticNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = _SkipBlock()
+        self.noise = _Noise()
+        self.mid = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.mid(self.noise(self.block(F.relu(self.stem(x))))))
+        x = F.dropout(x.mean((2, 3)), 0.5, self.training)  # frozen by tracing: in eval mode, as inference
+        return self.fc(x)
+
+
+def test_training_dependent_modules_follow_eval_after_tracing():
+    """fx would freeze ``self.training`` at trace time; a model traced (and grown) in training mode
+    must still be deterministic in eval mode and keep stochastic depth in training mode."""
+    from torchvision.ops import StochasticDepth
+
+    from surgeon.grow.analysis import trace
+
+    torch.manual_seed(0)
+    model = _StochasticNet().train()
+    gm = trace(model)
+    assert gm.training and model.training  # the mode is restored
+    leaves = {type(gm.get_submodule(n.target)) for n in gm.graph.nodes if n.op == "call_module"}
+    assert StochasticDepth in leaves and _Noise in leaves
+    x = images(4, 16)
+    gm.eval()
+    with torch.no_grad():
+        assert torch.equal(gm(x), gm(x))
+        model.eval()
+        torch.testing.assert_close(gm(x), model(x))
+    gm.train()
+    with torch.no_grad():
+        assert not torch.equal(gm.block.drop(torch.ones(64, 8, 2, 2)), torch.ones(64, 8, 2, 2))  # still drops rows
+    grown, _ = grow(_StochasticNet().train(), [HeadStep(3), GrowStep("wide", "mid", 4)], 16)
+    with torch.no_grad():
+        assert torch.equal(grown(x), grown(x))
