@@ -13,7 +13,8 @@
   scratch parameters are dropped from the PTX; ``surgeon_plugins.aot_launch`` replays this launch).
 - ``impl``: the same kernel launched from Python on TensorRT's stream (just-in-time plugins).
 - ``autotune``: fp32 or fp16 I/O (γ fp32) and four tile configurations as tactics (three tile
-  sizes, and whole-group tiles that read each element once); TensorRT times them.
+  sizes, and whole-group tiles that read each element once where a group fits one tile); TensorRT
+  times them.
 
 Engines built with the plugin should set ``PREFER_AOT_PYTHON_PLUGINS`` on the network (surgeon's
 builder does) so the ahead-of-time implementation is the one embedded.
