@@ -383,7 +383,8 @@ def _walk_region(gm: fx.GraphModule, site: Site, src: fx.Node, src_shape: tuple[
 
 
 def head_name(gm: fx.GraphModule) -> str:
-    """The classifier head: the linear op whose output is the model output (through pass-through ops)."""
+    """The classifier head: the linear op whose output is the model output (through pass-through
+    ops, activations, pooling and flattening: SqueezeNet's head is conv → ReLU → pool → flatten)."""
     out = next(n for n in gm.graph.nodes if n.op == "output")
     cur = out.args[0]
     while isinstance(cur, fx.Node):
@@ -391,7 +392,7 @@ def head_name(gm: fx.GraphModule) -> str:
             m = _module(gm, cur)
             if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, Widened):
                 return str(cur.target)
-            if not isinstance(m, (*_PASS_MODULES, nn.Flatten, *_POOL_MODULES)):
+            if not isinstance(m, (*_PASS_MODULES, *_ACTIVATIONS, nn.Flatten, *_POOL_MODULES)):
                 break
         elif not (cur.op in ("call_function", "call_method") and len(cur.all_input_nodes) == 1):
             break

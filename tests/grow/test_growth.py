@@ -256,3 +256,17 @@ def test_growth_keeps_model_dtype():
     assert {p.dtype for p in gm.parameters()} == {torch.float64}
     with torch.no_grad():
         assert gm.eval()(images(2, 32).double()).dtype == torch.float64
+
+
+def test_head_found_through_activation_and_pooling():
+    """SqueezeNet's head is a 1x1 conv followed by ReLU, pooling and flatten: it is still found and
+    replaced, and a fire module's squeeze conv grows."""
+    from surgeon.grow.analysis import head_name
+
+    gm = trace(torchvision_model("squeezenet1_0"))
+    assert head_name(gm) == "classifier.1"
+    apply_steps(gm, [HeadStep(classes=7), GrowStep("wide", "features.3.squeeze", 8)], GrowthState(input_size=96))
+    gm.eval()
+    with torch.no_grad():
+        assert gm(torch.randn(2, 3, 96, 96)).shape == (2, 7)
+    assert gm.get_submodule("classifier.1").out_channels == 7
