@@ -427,6 +427,20 @@ def _gamma32(gamma: torch.Tensor | None, c: int, x: torch.Tensor) -> torch.Tenso
 # PyTorch launchers
 
 
+def _launch_forward(x: torch.Tensor, y: torch.Tensor, rnorm: torch.Tensor | None, groups: tuple[int, ...],
+                    g32: torch.Tensor | None, eps: float, cfg: BlockConfig | None) -> None:
+    """The forward kernel over contiguous ``x`` into ``y`` (and the norms into ``rnorm`` if given)."""
+    n, c, s = _shape(x, groups)
+    if x.numel() == 0:
+        return
+    cfg = _layout_checked(cfg or block_config(groups, s, n), s)
+    grownorm_fwd_kernel[cfg.grid(n, s)](
+        x, g32 if g32 is not None else x, y, rnorm if rnorm is not None else y, n, s,
+        GROUPS=groups, C=c, EPS=eps, HAS_GAMMA=g32 is not None, STORE_RNORM=rnorm is not None, ROWS=cfg.rows,
+        BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, num_warps=cfg.num_warps,
+    )
+
+
 def grow_norm_forward(
     x: torch.Tensor,
     groups: Sequence[int],
@@ -439,20 +453,13 @@ def grow_norm_forward(
     configuration (default: :func:`block_config`)."""
     groups = _check_groups(groups)
     eps = _check_eps(eps)
-    n, c, s = _shape(x, groups)
+    n, c, _ = _shape(x, groups)
     g32 = _gamma32(gamma, c, x)
     _check_device(x)
     x = x.contiguous()
     y = torch.empty_like(x)
     rnorm = torch.empty((n, len(groups)) + tuple(x.shape[2:]), device=x.device, dtype=torch.float32)
-    if x.numel() == 0:
-        return y, rnorm
-    cfg = _layout_checked(cfg or block_config(groups, s, n), s)
-    grownorm_fwd_kernel[cfg.grid(n, s)](
-        x, g32 if g32 is not None else x, y, rnorm, n, s,
-        GROUPS=groups, C=c, EPS=eps, HAS_GAMMA=g32 is not None, STORE_RNORM=True, ROWS=cfg.rows,
-        BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, num_warps=cfg.num_warps,
-    )
+    _launch_forward(x, y, rnorm, groups, g32, eps, cfg)
     return y, rnorm
 
 
@@ -475,19 +482,12 @@ def forward_into(
     ``cfg``: the tile configuration (default: :func:`block_config`)."""
     groups = _check_groups(groups)
     eps = _check_eps(eps)
-    n, c, s = _shape(x, groups)
+    _, c, _ = _shape(x, groups)
     g32 = _gamma32(gamma, c, x)
     _check_device(x)
     if tuple(y.shape) != tuple(x.shape) or y.dtype != x.dtype or not y.is_contiguous() or not x.is_contiguous():
         raise ValueError("GrowNorm forward_into needs contiguous x and y of the same shape and dtype")
-    if x.numel() == 0:
-        return
-    cfg = _layout_checked(cfg or block_config(groups, s, n), s)
-    grownorm_fwd_kernel[cfg.grid(n, s)](
-        x, g32 if g32 is not None else x, y, y, n, s,
-        GROUPS=groups, C=c, EPS=eps, HAS_GAMMA=g32 is not None, STORE_RNORM=False, ROWS=cfg.rows,
-        BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, num_warps=cfg.num_warps,
-    )
+    _launch_forward(x, y, None, groups, g32, eps, cfg)
 
 
 def grow_norm_backward(
