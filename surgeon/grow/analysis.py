@@ -10,8 +10,10 @@ reason.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import io
 import operator
 from dataclasses import dataclass, field
 
@@ -117,10 +119,14 @@ def propagate_shapes(gm: fx.GraphModule, input_size: int) -> None:
         param = next(gm.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-        with torch.no_grad():
+        # ShapeProp prints the failing node's traceback itself, then wraps the error in one that dumps
+        # the whole fx node: keep stderr for the one-line error and report the original cause.
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(torch.zeros(1, 3, input_size, input_size, device=device, dtype=dtype))
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        cause = exc.__cause__ or exc
+        text = str(cause).strip()
+        first = text.splitlines()[0][:300] if text else type(cause).__name__
         raise GrowthError(f"the model does not run on a 3x{input_size}x{input_size} image ({first}); check --input-size") from exc
     finally:
         gm.train(was_training)

@@ -24,7 +24,7 @@ from torch import nn
 from surgeon.errors import SurgeonError
 from surgeon.grow.ops import GrowthState
 from surgeon.grow.recipe import Step
-from surgeon.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from surgeon.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, check_input_size
 
 BUILTIN_ARCHS = ("digitnet",)
 # --weights DEFAULT for a built-in architecture: the checkpoint shipped in models/ (source checkouts;
@@ -222,6 +222,8 @@ def is_checkpoint_spec(spec: str) -> bool:
 
 def open_model(spec: str, weights: str = "DEFAULT", input_size: int | None = None, *, trust_code: bool = False) -> Source:
     """``--model``/``--weights`` to a model ready for growth (see the module docstring for the forms)."""
+    if input_size is not None:
+        check_input_size(input_size)
     if is_checkpoint_spec(spec):
         from surgeon.checkpoint import read_checkpoint
 
