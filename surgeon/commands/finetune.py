@@ -12,6 +12,8 @@ from surgeon.grow.recipe import GROW_KINDS, INITS, GrowStep, read_recipe_file
 from surgeon.train.config import TUNE_MODES, FinetuneConfig
 
 _D = FinetuneConfig()
+# The options a resumed run takes from the command line; every other setting is the interrupted run's.
+_RESUME_OPTIONS = {"resume", "epochs", "trust_code", "data_root", "quiet"}
 
 
 def growth_steps(grow: tuple[str, ...], layer: tuple[str, ...], units: tuple[int, ...], recipe: str | None,
@@ -86,10 +88,10 @@ def finetune(ctx: click.Context, model_spec, weights, data, grow, layer, units, 
     \b
     Examples:
       # the paper's WA-CNN on an offline set: widen fc7 of the shipped DigitNet
-      surgeon finetune --model models/digitnet.pt --data builtin:digits-target \\
+      surgeon finetune --model surgeon:digitnet --data builtin:digits-target \\
           --grow wide --layer classifier.3 --units 128 --output-dir runs/wide
       # plain fine-tuning of the same model, for comparison
-      surgeon finetune --model models/digitnet.pt --data builtin:digits-target --baseline --output-dir runs/base
+      surgeon finetune --model surgeon:digitnet --data builtin:digits-target --baseline --output-dir runs/base
       # WWA on VGG16 (widen fc6 and fc7), your images, 2 processes
       torchrun --nproc_per_node=2 -m surgeon finetune --model torchvision:vgg16 --data ~/flowers \\
           --grow wide --layer classifier.0 --grow wide --layer classifier.3 --units 1024
@@ -97,8 +99,16 @@ def finetune(ctx: click.Context, model_spec, weights, data, grow, layer, units, 
     from surgeon.train.finetune import finetune as run
 
     if resume:
+        given = [p.opts[0] for p in ctx.command.params if p.name not in _RESUME_OPTIONS
+                 and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise SurgeonError(f"--resume continues a run with its own settings and output folder; {', '.join(given)} "
+                               f"cannot change (with --resume only {', '.join('--' + o.replace('_', '-') for o in sorted(_RESUME_OPTIONS - {'resume'}))} apply)")
         explicit = ctx.get_parameter_source("epochs") == click.core.ParameterSource.COMMANDLINE
-        result = run(FinetuneConfig(), resume=resume, progress=not quiet, epochs_override=epochs if explicit else None)
+        # Only what says who to trust and where downloads go is taken from the command line; the
+        # experiment itself (model, data, recipe, schedule) is the interrupted run's.
+        caller = FinetuneConfig(trust_code=trust_code, data_root=data_root)
+        result = run(caller, resume=resume, progress=not quiet, epochs_override=epochs if explicit else None)
     else:
         steps = growth_steps(grow, layer, units, recipe, init, gamma_init, norm)
         config = FinetuneConfig(

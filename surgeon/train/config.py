@@ -13,7 +13,7 @@ TUNE_MODES = ("new", "top", "all")
 
 @dataclass
 class FinetuneConfig:
-    model: str = "models/digitnet.pt"
+    model: str = "surgeon:digitnet"
     weights: str = "DEFAULT"
     data: str = "builtin:digits-target"
     output_dir: str = "runs/finetune"

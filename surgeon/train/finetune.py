@@ -23,13 +23,14 @@ from tqdm.auto import tqdm
 
 from surgeon import __version__
 from surgeon.checkpoint import Checkpoint, checkpoint_from_dict, save_checkpoint
-from surgeon.errors import SurgeonError
+from surgeon.errors import CheckpointError, SurgeonError
 from surgeon.fileio import atomic_write_text
 from surgeon.grow.analysis import trace
 from surgeon.grow.gamma import calibrate_gamma
 from surgeon.grow.grownorm import GrowNorm
 from surgeon.grow.ops import GrowthState, apply_steps
 from surgeon.grow.recipe import HeadStep, Step
+from surgeon.log import LOG
 from surgeon.preprocessing import Preprocessing
 from surgeon.train import distributed as dist_utils
 from surgeon.train.config import FinetuneConfig
@@ -37,6 +38,7 @@ from surgeon.train.curves import plot_curves
 from surgeon.train.data import DataSplits, load_data
 from surgeon.train.params import apply_freeze, freeze_frozen_batchnorms, split_parameters
 from surgeon.train.state import load_train_state, rng_state, save_train_state, set_rng_state
+from surgeon.train.summary import LossWatch, run_summary, start_warnings
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
 
@@ -182,7 +184,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             logits = model(images)
             loss = F.cross_entropy(logits.float(), labels)
         if not torch.isfinite(loss):
-            raise SurgeonError(f"the loss became {float(loss)} in epoch {epoch + 1}; lower --lr (now {config.lr})")
+            raise SurgeonError(f"the training loss became {float(loss.detach())} in epoch {epoch + 1}; the run diverged: "
+                               f"lower --lr (now {config.lr:g}) and start again")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -215,9 +218,7 @@ def finetune(config: FinetuneConfig, *, resume: str | Path | None = None, progre
     and ``curves.png`` under ``config.output_dir``."""
     resumed = load_train_state(resume) if resume else None
     if resumed is not None:
-        config = FinetuneConfig.from_dict(resumed["config"])
-        if epochs_override:
-            config.epochs = epochs_override
+        config = resumed_config(resumed, resume, config, epochs_override)  # type: ignore[arg-type]
     device = resolve_device(config.device)
     d = dist_utils.setup(device)
     if device.type == "cuda" and d.enabled:
@@ -233,11 +234,22 @@ def finetune(config: FinetuneConfig, *, resume: str | Path | None = None, progre
             prepared.gamma_init = gamma_stats(model)
             history: list[dict[str, Any]] = []
             start = 0
+            notes = run_summary(prepared, config, device)
+            warnings = start_warnings(config, prepared.weights)
         else:
             prepared = _prepare_resumed(config, resumed)
             model = prepared.model.to(device)
             history = list(resumed["history"])
             start = int(resumed["epoch"])
+            notes = [f"resuming {out} after epoch {start} of {config.epochs} ({prepared.arch} on {config.data}, "
+                     f"{len(prepared.data.classes)} classes; training on {device})"]
+            warnings = []
+        if d.main:
+            for line in notes if progress else ():
+                tqdm.write(line)
+            for line in warnings:
+                LOG.warning(line)
+        watch = LossWatch(len(prepared.data.classes), config.lr)
         optimizer = build_optimizer(model, prepared.state, config)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.lr_gamma)
         scaler = torch.amp.GradScaler("cuda") if config.amp and device.type == "cuda" else None
@@ -265,6 +277,9 @@ def finetune(config: FinetuneConfig, *, resume: str | Path | None = None, progre
             scheduler.step()
             dist_utils.sync_buffers(model, d)
             val_loss, val_acc = evaluate(model, val_loader, device, config, d)
+            alarm = watch.check(epoch + 1, train_loss=train_loss, val_loss=val_loss)
+            if alarm and d.main:
+                LOG.warning(alarm)
             row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                    "val_acc": val_acc, "lr": lr, "lr_new": lr * config.lr_new_mult, "time_s": time.perf_counter() - t0,
                    "gamma": gamma_stats(model)}
@@ -308,6 +323,28 @@ def _write_epoch(out: Path, p: Prepared, model: nn.Module, history: list[dict], 
         "rng": rng_state(),
         "surgeon_version": __version__,
     })
+
+
+def resumed_config(resumed: dict[str, Any], resume: str | Path, caller: FinetuneConfig,
+                   epochs_override: int | None = None) -> FinetuneConfig:
+    """The settings of a resumed run: the experiment as the interrupted run recorded it, but what
+    decides trust and where files go from the caller (the command line), never from the file. An
+    edited ``checkpoint.pt`` could otherwise ask to import code or aim the run's writes anywhere."""
+    folder = Path(resume)
+    if folder.is_file():
+        folder = folder.parent
+    try:
+        config = FinetuneConfig.from_dict(resumed["config"])
+    except SurgeonError as exc:
+        raise CheckpointError(f"{folder / 'checkpoint.pt'} holds settings surgeon cannot use ({exc})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{folder / 'checkpoint.pt'} is a damaged training state (bad settings: {exc})") from None
+    config.output_dir = str(folder)
+    config.trust_code = caller.trust_code
+    config.data_root = caller.data_root
+    if epochs_override:
+        config.epochs = epochs_override
+    return config
 
 
 def _prepare_resumed(config: FinetuneConfig, resumed: dict[str, Any]) -> Prepared:
