@@ -19,13 +19,14 @@ from surgeon.commands.serve import serve
 
 @click.group(context_settings=CONTEXT)
 @click.version_option(__version__, "-V", "--version", prog_name="surgeon")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error (also: SURGEON_DEBUG=1).")
+def cli(debug: bool) -> None:
     """Grow pretrained networks, fine-tune them, and deploy them.
 
     \b
     Example (offline, minutes on a laptop CPU):
-      surgeon layers --model models/digitnet.pt
-      surgeon finetune --model models/digitnet.pt --data builtin:digits-target \\
+      surgeon layers --model surgeon:digitnet
+      surgeon finetune --model surgeon:digitnet --data builtin:digits-target \\
           --grow wide --layer classifier.3 --units 128 --output-dir runs/wide
     """
 

@@ -17,3 +17,9 @@ class CheckpointError(SurgeonError):
 
 class DataError(SurgeonError):
     """A data set cannot be found or one of its images cannot be read."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__

@@ -36,7 +36,7 @@ def analyze(checkpoint: str, data_spec: str, output_dir: str, units: int, max_im
 
     \b
     Example:
-      surgeon finetune --model models/digitnet.pt --data builtin:digits-target \\
+      surgeon finetune --model surgeon:digitnet --data builtin:digits-target \\
           --grow wide --layer classifier.3 --units 128 --output-dir runs/wide
       surgeon analyze runs/wide/grown.pt --data builtin:digits-target -o runs/wide/report
     """

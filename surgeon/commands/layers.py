@@ -25,7 +25,7 @@ def layers(model_spec: str, weights: str, input_size: int | None, show_all: bool
     \b
     Examples:
       surgeon layers --model torchvision:resnet18
-      surgeon layers --model models/digitnet.pt --all
+      surgeon layers --model surgeon:digitnet --all
     """
     from surgeon.grow.analysis import layer_table, propagate_shapes, trace
     from surgeon.zoo import open_model
