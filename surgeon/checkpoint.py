@@ -117,6 +117,12 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     return atomic_write(path, lambda tmp: torch.save(data, tmp))
 
 
+def _is_plain_pickle(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(3)
+    return len(head) == 3 and head[0] == 0x80 and head[1] in (4, 5) and head[2] == 0x95  # PROTO n, FRAME
+
+
 def read_raw(path: str | Path, map_location: str = "cpu") -> Any:
     """``torch.load(weights_only=True)`` with one-line errors for missing, corrupt and unsafe files."""
     p = Path(path)
@@ -128,10 +134,13 @@ def read_raw(path: str | Path, map_location: str = "cpu") -> Any:
         return torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
-        if "Unsupported global" in msg:
+        if "unsupported global" in msg.lower():  # torch 2.4-2.13: "Unsupported global", 2.14: "unsupported GLOBAL"
             raise CheckpointError(
                 f"{p} contains pickled Python objects, which surgeon refuses to load (loading them could run code)"
             ) from None
+        if "unsupported operand" in msg.lower() and _is_plain_pickle(p):  # pickle.dump's protocol 4/5 framing
+            raise CheckpointError(f"{p} is a plain Python pickle, not a torch checkpoint; surgeon does not unpickle files "
+                                  "(save weights with torch.save(model.state_dict(), path))") from None
         raise CheckpointError(f"{p} is corrupt or not a torch checkpoint (torch.load cannot read it)") from None
     except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
