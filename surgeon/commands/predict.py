@@ -8,6 +8,7 @@ import sys
 import click
 
 from surgeon.commands.common import CONTEXT, friendly_errors
+from surgeon.imageio import DEFAULT_MAX_IMAGE_PIXELS
 
 _BACKEND = click.Choice(["auto", "ort-cpu", "ort-cuda", "ort-trt", "trt", "torch"])
 
@@ -19,8 +20,11 @@ _BACKEND = click.Choice(["auto", "ort-cpu", "ort-cuda", "ort-trt", "trt", "torch
 @click.option("--backend", type=_BACKEND, default="auto", show_default=True, help="Inference backend.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout instead of a table.")
 @click.option("--trust-code", is_flag=True, help="Allow importing the user code a grown.pt was grown from.")
+@click.option("--max-image-pixels", type=click.IntRange(min=0), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
+              help="Refuse images with more pixels than this, before decoding them (0 = no limit).")
 @friendly_errors
-def predict(model: str, images: tuple[str, ...], topk: int, backend: str, as_json: bool, trust_code: bool) -> None:
+def predict(model: str, images: tuple[str, ...], topk: int, backend: str, as_json: bool, trust_code: bool,
+            max_image_pixels: int) -> None:
     """Classify images (files, folders, glob patterns) with MODEL (.onnx, .engine/.plan or grown.pt).
     Unreadable images are reported by name and the rest still predicted; the exit code is 1 if any
     image could not be read.
@@ -30,6 +34,7 @@ def predict(model: str, images: tuple[str, ...], topk: int, backend: str, as_jso
       surgeon predict runs/wide/model.onnx photos/ 'more/*.jpg' --topk 3
     """
     from surgeon.errors import DataError
+    from surgeon.imageio import open_image
     from surgeon.runtime.session import Session, image_files
 
     session = Session(model, backend, trust_code=trust_code)
@@ -37,7 +42,8 @@ def predict(model: str, images: tuple[str, ...], topk: int, backend: str, as_jso
     results, errors = [], []
     for path in files:  # one by one: a corrupt file costs only its own prediction
         try:
-            [top] = session.predict([path], topk=topk)
+            # Decoded here, not by the session, so that the pixel cap is this command's option.
+            [top] = session.predict([open_image(path, max_pixels=max_image_pixels)], topk=topk)
         except DataError as exc:
             errors.append({"image": str(path), "error": str(exc).split("; fix or remove")[0]})
             click.echo(f"error: {errors[-1]['error']}", err=True)

@@ -7,12 +7,12 @@ and module-level transforms, so they pickle into DataLoader worker processes.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -20,12 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.utils.data
+import click
 import torchvision.datasets
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
+from surgeon import imageio
 from surgeon.errors import DataError
+from surgeon.imageio import DEFAULT_MAX_IMAGE_PIXELS, to_rgb
 from surgeon.preprocessing import Preprocessing
 
 Transform = Callable[[Any], torch.Tensor]
@@ -44,8 +47,10 @@ _BUILTIN_SPLIT_SEED = 1234
 _BUILTIN_VAL_FRACTION = {"digits-source": 0.2, "digits-target": 0.8}
 _BUILTIN_DIGITS = {"digits-source": range(0, 5), "digits-target": range(5, 10)}
 
-# How many bad paths a skip warning spells out before it says "...".
-_WARN_PATHS = 3
+# How many paths or folder entries a message spells out before it says "...".
+_SHOW_NAMES = 3
+
+Samples = list[tuple[str, int]]
 
 
 @dataclass
@@ -56,6 +61,7 @@ class DataSplits:
     val: torch.utils.data.Dataset
     classes: list[str]
     name: str
+    skipped: list[str] = field(default_factory=list)  # unreadable images --skip-bad-images dropped
 
     @property
     def num_classes(self) -> int:
@@ -107,15 +113,15 @@ def digit_train_transform(pre: Preprocessing) -> Transform:
 
 
 class _ToRGBThen:
-    """Make any PIL image 3-channel before ``transform`` (torchvision sets such as MNIST are grey).
+    """Make any PIL image 8-bit RGB before ``transform`` (torchvision sets such as MNIST are grey).
     A class rather than a closure so that datasets holding it still pickle."""
 
     def __init__(self, transform: Transform) -> None:
         self.transform = transform
 
     def __call__(self, img: Any) -> torch.Tensor:
-        if isinstance(img, Image.Image) and img.mode != "RGB":
-            img = img.convert("RGB")
+        if isinstance(img, Image.Image):
+            img = to_rgb(img)
         return self.transform(img)
 
     def __repr__(self) -> str:
@@ -131,35 +137,34 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def open_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Decode an image file fully into RGB, or raise a DataError that names the file."""
+def open_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """:func:`surgeon.imageio.open_image` (8-bit RGB, at most ``max_pixels``, 0 = no cap), its errors
+    ending with what to do about a bad training image."""
     try:
-        with Image.open(path) as img:
-            # load() decodes now: a truncated file must fail here, naming the file, not later inside
-            # a transform with a bare PIL traceback.
-            img.load()
-            return img.convert("RGB")
-    except Exception as exc:  # PIL raises many types for corrupt input (OSError, SyntaxError, ...)
-        raise DataError(
-            f"cannot read image {path}: {_one_line(exc)}; fix or remove it, or pass --skip-bad-images"
-        ) from exc
+        return imageio.open_image(path, max_pixels=max_pixels)
+    except DataError as exc:
+        remedy = "or pass --skip-bad-images" if isinstance(exc, imageio.ImageTooLargeError) else \
+            "fix or remove it, or pass --skip-bad-images"
+        raise type(exc)(f"{exc}; {remedy}") from exc.__cause__
 
 
 class ImageFiles(torch.utils.data.Dataset):
     """Image files with integer labels, decoded by :func:`open_image`."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], transform: Transform):
+    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], transform: Transform,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.samples = list(samples)
         self.targets = [label for _, label in self.samples]
         self.classes = list(classes)
         self.transform = transform
+        self.max_image_pixels = max_image_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        return self.transform(open_image(path)), label
+        return self.transform(open_image(path, self.max_image_pixels)), label
 
 
 class ArrayImages(torch.utils.data.Dataset):
@@ -256,11 +261,38 @@ def _find_classes(directory: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
 
 
-def _layout_hint(directory: Path) -> str:
-    return f"expected {directory}/<class>/<image>.jpg (or {directory}/train/<class>/... and {directory}/val/<class>/...)"
+def _layout_hint(root: Path) -> str:
+    return (f"expected {root}/train/<class>/*.jpg with {root}/val/<class>/*.jpg, "
+            f"or {root}/<class>/*.jpg (split by --val-split)")
 
 
-def _scan_folder(directory: Path, classes: list[str]) -> list[tuple[str, int]]:
+def _some(names: Sequence[str]) -> str:
+    return ", ".join(names[:_SHOW_NAMES]) + (", ..." if len(names) > _SHOW_NAMES else "")
+
+
+def _no_classes(directory: Path, root: Path) -> DataError:
+    """The error for a folder without class folders, saying what it holds instead."""
+    entries = sorted(e.name for e in os.scandir(directory) if not e.name.startswith("."))
+    images = [n for n in entries if has_file_allowed_extension(n, IMG_EXTENSIONS)]
+    if not entries:
+        found = "it is empty"
+    elif images:
+        found = f"it holds {len(images)} image(s) ({_some(images)}), which belong in one folder per class"
+    else:
+        found = f"it holds {len(entries)} file(s) ({_some(entries)}) and no folders"
+    return DataError(f"no class folders in {directory}: {found}; {_layout_hint(root)}")
+
+
+def _no_images(directory: Path, classes: list[str], root: Path) -> DataError:
+    """The error for class folders without images, naming the files they do hold (a .heic, a .txt)."""
+    others = sorted(str(p.relative_to(directory)) for c in classes for p in (directory / c).rglob("*")
+                    if p.is_file() and not _is_hidden(str(p), directory))
+    found = f"{len(others)} other file(s): {_some(others)}" if others else "no files"
+    return DataError(f"no images in the class folders of {directory} ({_some(classes)}; {found}; image "
+                     f"extensions are {', '.join(IMG_EXTENSIONS)}); {_layout_hint(root)}")
+
+
+def _scan_folder(directory: Path, classes: list[str]) -> Samples:
     class_to_idx = {c: i for i, c in enumerate(classes)}
     return make_dataset(
         str(directory),
@@ -270,42 +302,46 @@ def _scan_folder(directory: Path, classes: list[str]) -> list[tuple[str, int]]:
     )
 
 
-def _is_readable(path: str) -> bool:
+def _is_readable(path: str, max_pixels: int) -> bool:
     try:
-        open_image(path)
+        open_image(path, max_pixels)
     except DataError:
         return False
     return True
 
 
-def _drop_unreadable(samples: list[tuple[str, int]], where: Path) -> list[tuple[str, int]]:
-    """Decode every image once and keep the readable ones; warn naming the ones dropped."""
+def _drop_unreadable(samples: Samples, where: Path, max_pixels: int) -> tuple[Samples, list[str]]:
+    """Decode every image once; the readable samples and the paths of the others."""
     if not samples:
-        return samples
+        return samples, []
     # Decoding is mostly C code that releases the GIL, so threads give real parallelism here.
     with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
-        ok = list(pool.map(_is_readable, (p for p, _ in samples)))
+        ok = list(pool.map(functools.partial(_is_readable, max_pixels=max_pixels), (p for p, _ in samples)))
     bad = [p for (p, _), good in zip(samples, ok) if not good]
-    if bad:
-        shown = ", ".join(bad[:_WARN_PATHS]) + (", ..." if len(bad) > _WARN_PATHS else "")
-        # stacklevel 5: point at the caller of load_data, not at this module.
-        warnings.warn(f"skipped {len(bad)} unreadable image(s) under {where}: {shown}", stacklevel=5)
     kept = [s for s, good in zip(samples, ok) if good]
     if not kept:
-        raise DataError(f"no readable images left under {where} after skipping {len(bad)} bad one(s)")
-    return kept
+        raise DataError(f"no readable images left under {where} after skipping {len(bad)} bad one(s) "
+                        f"({_some(bad)}); open one with PIL to see why")
+    return kept, bad
 
 
-def _folder_samples(directory: Path, classes: list[str], skip_bad_images: bool) -> list[tuple[str, int]]:
+def _report_skipped(bad: list[str], where: Path) -> None:
+    # One plain line on stderr (a warnings.warn would print surgeon's source line too), from one
+    # process only under torchrun, where every rank loads the data.
+    if bad and int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"warning: skipped {len(bad)} unreadable or oversized image(s) under {where}: {_some(bad)}",
+                   err=True)
+
+
+def _folder_samples(directory: Path, classes: list[str], root: Path) -> Samples:
     samples = _scan_folder(directory, classes)
     if not samples:
-        exts = ", ".join(IMG_EXTENSIONS)
-        raise DataError(f"no images ({exts}) in the class folders of {directory}; {_layout_hint(directory)}")
-    return _drop_unreadable(samples, directory) if skip_bad_images else samples
+        raise _no_images(directory, classes, root)
+    return samples
 
 
 def _load_folder(spec: str, pre: Preprocessing, *, val_split: float, augment: bool,
-                 skip_bad_images: bool, seed: int) -> DataSplits:
+                 skip_bad_images: bool, seed: int, max_image_pixels: int) -> DataSplits:
     directory = Path(spec).expanduser()
     if not directory.exists():
         raise DataError(f"data folder {spec} does not exist; pass an image folder, {_accepted_forms()}")
@@ -314,6 +350,7 @@ def _load_folder(spec: str, pre: Preprocessing, *, val_split: float, augment: bo
     train_tf = train_transform(pre) if augment else eval_transform(pre)
     val_tf = eval_transform(pre)
 
+    skipped: list[str] = []
     train_dir, val_dir = directory / "train", directory / "val"
     if train_dir.is_dir() and val_dir.is_dir():
         classes = _find_classes(train_dir)
@@ -326,9 +363,13 @@ def _load_folder(spec: str, pre: Preprocessing, *, val_split: float, augment: bo
                 f"only in val: {only_val}); give both the same class folders"
             )
         if not classes:
-            raise DataError(f"no class folders in {train_dir}; {_layout_hint(directory)}")
-        train = _folder_samples(train_dir, classes, skip_bad_images)
-        val = _folder_samples(val_dir, classes, skip_bad_images)
+            raise _no_classes(train_dir, directory)
+        train = _folder_samples(train_dir, classes, directory)
+        val = _folder_samples(val_dir, classes, directory)
+        if skip_bad_images:
+            train, bad_train = _drop_unreadable(train, train_dir, max_image_pixels)
+            val, bad_val = _drop_unreadable(val, val_dir, max_image_pixels)
+            skipped = bad_train + bad_val
     elif train_dir.is_dir():
         # Treating "train" as a class would silently produce a one-class problem.
         raise DataError(f"{directory} has a train/ folder but no val/ folder; add {val_dir}/<class>/... "
@@ -336,8 +377,10 @@ def _load_folder(spec: str, pre: Preprocessing, *, val_split: float, augment: bo
     else:
         classes = _find_classes(directory)
         if not classes:
-            raise DataError(f"no class folders in {directory}; {_layout_hint(directory)}")
-        samples = _folder_samples(directory, classes, skip_bad_images)
+            raise _no_classes(directory, directory)
+        samples = _folder_samples(directory, classes, directory)
+        if skip_bad_images:
+            samples, skipped = _drop_unreadable(samples, directory, max_image_pixels)
         train_idx, val_idx = _stratified_split([label for _, label in samples], val_split, seed)
         if len(val_idx) == 0:
             raise DataError(f"too few images in {directory} to hold out a validation set (need 2 or more in "
@@ -345,11 +388,13 @@ def _load_folder(spec: str, pre: Preprocessing, *, val_split: float, augment: bo
         train = [samples[i] for i in train_idx]
         val = [samples[i] for i in val_idx]
 
+    _report_skipped(skipped, directory)
     return DataSplits(
-        train=ImageFiles(train, classes, train_tf),
-        val=ImageFiles(val, classes, val_tf),
+        train=ImageFiles(train, classes, train_tf, max_image_pixels),
+        val=ImageFiles(val, classes, val_tf, max_image_pixels),
         classes=classes,
         name=str(directory),
+        skipped=skipped,
     )
 
 
@@ -478,13 +523,17 @@ def _looks_like_scheme(spec: str) -> bool:
 
 
 def load_data(spec: str, pre: Preprocessing, *, val_split: float = 0.2, augment: bool = True,
-              skip_bad_images: bool = False, seed: int = 0, root: str | None = None) -> DataSplits:
+              skip_bad_images: bool = False, seed: int = 0, root: str | None = None,
+              max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> DataSplits:
     """Resolve a data spec to train/val datasets of ``(tensor [3, S, S], label)``.
 
     ``spec`` is ``builtin:NAME``, ``torchvision:NAME`` or an ImageFolder directory (either
     ``DIR/train`` + ``DIR/val``, or one folder of class subfolders split by ``val_split`` and
-    ``seed``). ``root`` is where torchvision data sets are downloaded.
+    ``seed``). ``root`` is where torchvision data sets are downloaded. Folder images over
+    ``max_image_pixels`` (0 = no cap) are refused before decoding, like unreadable ones.
     """
+    if max_image_pixels < 0:
+        raise DataError(f"--max-image-pixels must be 0 (no limit) or positive, got {max_image_pixels}")
     if not 0.0 < val_split < 1.0:
         raise DataError(f"val_split must be between 0 and 1 (exclusive), got {val_split}")
     if spec.startswith(BUILTIN_PREFIX):
@@ -494,4 +543,5 @@ def load_data(spec: str, pre: Preprocessing, *, val_split: float = 0.2, augment:
                                  seed=seed, root=root)
     if _looks_like_scheme(spec) and not Path(spec).exists():
         raise DataError(f"unrecognised data spec {spec!r}; {_accepted_forms()}")
-    return _load_folder(spec, pre, val_split=val_split, augment=augment, skip_bad_images=skip_bad_images, seed=seed)
+    return _load_folder(spec, pre, val_split=val_split, augment=augment, skip_bad_images=skip_bad_images, seed=seed,
+                        max_image_pixels=max_image_pixels)

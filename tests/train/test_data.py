@@ -205,15 +205,60 @@ def test_train_without_val_folder(tmp_path):
         load_data(str(tmp_path), PRE)
 
 
-def test_missing_empty_and_imageless_folders(tmp_path):
+def test_missing_folder(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_data(str(tmp_path / "nope"), PRE)
-    with pytest.raises(DataError, match=r"<class>/<image>\.jpg"):
+
+
+def _empty_dir(root: Path) -> None:
+    pass
+
+
+def _loose_files(root: Path) -> None:
+    (root / "notes.txt").write_text("x")
+    (root / "labels.csv").write_text("x")
+
+
+def _loose_images(root: Path) -> None:
+    for i in range(2):
+        _image(i).save(root / f"img{i}.png")
+
+
+def _empty_train(root: Path) -> None:
+    (root / "train").mkdir()
+    (root / "val").mkdir()
+
+
+def _imageless_train_classes(root: Path) -> None:
+    for split in ("train", "val"):
+        (root / split / "cat").mkdir(parents=True)
+        (root / split / "dog").mkdir(parents=True)
+
+
+def _imageless_classes(root: Path) -> None:
+    (root / "cat").mkdir()
+    (root / "cat" / "photo.heic").write_bytes(b"x")
+    (root / "dog").mkdir()
+
+
+@pytest.mark.parametrize("make, where, found", [
+    (_empty_dir, "", "it is empty"),
+    (_loose_files, "", "2 file(s) (labels.csv, notes.txt) and no folders"),
+    (_loose_images, "", "2 image(s) (img0.png, img1.png)"),
+    (_empty_train, "/train", "it is empty"),
+    (_imageless_train_classes, "/train", "(cat, dog; no files;"),
+    (_imageless_classes, "", "(cat, dog; 1 other file(s): cat/photo.heic;"),
+], ids=["empty", "files-no-classes", "images-no-classes", "empty-train", "train-classes-no-images",
+        "classes-no-images"])
+def test_empty_folder_errors_say_what_was_found_and_both_layouts(tmp_path, make, where, found):
+    make(tmp_path)
+    with pytest.raises(DataError) as err:
         load_data(str(tmp_path), PRE)
-    (tmp_path / "cat").mkdir()
-    (tmp_path / "cat" / "notes.txt").write_text("not an image")
-    with pytest.raises(DataError, match=r"<class>/<image>\.jpg"):
-        load_data(str(tmp_path), PRE)
+    message = str(err.value)
+    assert f"{tmp_path}{where}" in message and found in message, message
+    assert f"{tmp_path}/train/<class>/*.jpg with {tmp_path}/val/<class>/*.jpg" in message
+    assert f"or {tmp_path}/<class>/*.jpg (split by --val-split)" in message
+    assert "train/train" not in message and "\n" not in message
 
 
 @pytest.mark.parametrize("val_split", [0.0, 1.0, -0.1, 1.5])
@@ -253,13 +298,18 @@ def test_open_image_returns_rgb_and_names_bad_file(tmp_path):
         open_image(tmp_path / "missing.png")
 
 
-def test_skip_bad_images_drops_and_warns(tmp_path):
+def test_skip_bad_images_drops_and_reports_in_one_line(tmp_path, capsys):
     _write_class_folders(tmp_path)
     bad = _add_bad_images(tmp_path)
-    with pytest.warns(UserWarning, match="skipped 2 unreadable") as record:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a Python warning would print surgeon's source line
         splits = load_data(str(tmp_path), PRE, skip_bad_images=True)
-    message = str(record[0].message)
-    assert all(str(p) in message for p in bad)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.splitlines()
+    assert line.startswith(f"warning: skipped 2 unreadable or oversized image(s) under {tmp_path}: ")
+    assert all(str(p) in line for p in bad)
+    assert sorted(splits.skipped) == sorted(str(p) for p in bad)
     kept = _paths(splits.train) + _paths(splits.val)
     assert len(kept) == 15 and not {str(p) for p in bad} & set(kept)
     for ds in (splits.train, splits.val):
@@ -267,18 +317,79 @@ def test_skip_bad_images_drops_and_warns(tmp_path):
             ds[i]
 
 
-def test_skip_bad_images_without_bad_ones_is_silent(tmp_path):
+def test_skip_report_lists_the_first_few_paths_once_for_train_and_val(tmp_path, capsys):
+    for split in ("train", "val"):
+        _write_class_folders(tmp_path / split, classes=("cat", "dog"))
+        for i in range(3):
+            (tmp_path / split / "cat" / f"bad{i}.jpg").write_bytes(b"junk")
+    splits = load_data(str(tmp_path), PRE, skip_bad_images=True)
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"warning: skipped 6 unreadable or oversized image(s) under {tmp_path}: ") and line.endswith(", ...")
+    assert line.count("bad") == 3 and len(splits.skipped) == 6
+
+
+def test_skip_report_comes_from_rank_0_only(tmp_path, capsys, monkeypatch):
+    _write_class_folders(tmp_path)
+    _add_bad_images(tmp_path)
+    monkeypatch.setenv("RANK", "1")
+    assert len(load_data(str(tmp_path), PRE, skip_bad_images=True).skipped) == 2
+    assert capsys.readouterr().err == ""
+
+
+def test_skip_bad_images_without_bad_ones_is_silent(tmp_path, capsys):
     _write_class_folders(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        load_data(str(tmp_path), PRE, skip_bad_images=True)
+        assert load_data(str(tmp_path), PRE, skip_bad_images=True).skipped == []
+    assert capsys.readouterr().err == ""
 
 
 def test_skip_bad_images_nothing_left(tmp_path):
     (tmp_path / "cat").mkdir()
     (tmp_path / "cat" / "a.jpg").write_bytes(b"junk")
-    with pytest.warns(UserWarning), pytest.raises(DataError, match="no readable images"):
+    with pytest.raises(DataError, match="no readable images") as err:
         load_data(str(tmp_path), PRE, skip_bad_images=True)
+    assert "a.jpg" in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# image decoding and the pixel cap (rules themselves: tests/test_imageio.py)
+
+
+def test_16_bit_training_images_are_not_white(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for cls in ("a", "b"):
+        for i in range(2):
+            Image.fromarray(np.full((20, 20), 16384, dtype=np.uint16)).save(tmp_path / cls / f"{i}.png")
+    splits = load_data(str(tmp_path), Preprocessing(input_size=16, resize=16, mean=(0, 0, 0), std=(1, 1, 1)),
+                       augment=False)
+    x, _ = splits.train[0]
+    assert torch.allclose(x, torch.full_like(x, round(16384 / 65535 * 255) / 255))
+
+
+def test_open_image_keeps_its_training_remedy(tmp_path):
+    _image(0, size=(30, 20)).save(tmp_path / "big.png")
+    with pytest.raises(DataError) as err:
+        open_image(tmp_path / "big.png", max_pixels=100)
+    message = str(err.value)
+    assert "30x20" in message and "--max-image-pixels" in message and "--skip-bad-images" in message
+
+
+def test_max_image_pixels_reaches_the_datasets(tmp_path):
+    _write_class_folders(tmp_path, per_class=4)  # 14x11 = 154 pixels each
+    Image.new("RGB", (40, 40)).save(tmp_path / "cat" / "big.png")
+    splits = load_data(str(tmp_path), PRE, val_split=0.5, max_image_pixels=1000)
+    ds = splits.train if str(tmp_path / "cat" / "big.png") in _paths(splits.train) else splits.val
+    index = _paths(ds).index(str(tmp_path / "cat" / "big.png"))
+    with pytest.raises(DataError, match=r"big\.png is 40x40 .*--max-image-pixels"):
+        ds[index]
+    pickle.loads(pickle.dumps(ds))[(index + 1) % len(ds)]  # the cap travels to DataLoader workers
+    skipped = load_data(str(tmp_path), PRE, max_image_pixels=1000, skip_bad_images=True).skipped
+    assert skipped == [str(tmp_path / "cat" / "big.png")]
+    assert load_data(str(tmp_path), PRE, max_image_pixels=0, skip_bad_images=True).skipped == []
+    with pytest.raises(DataError, match="--max-image-pixels"):
+        load_data(str(tmp_path), PRE, max_image_pixels=-1)
 
 
 # ------------------------------------------------------------------------------------------------
