@@ -57,7 +57,7 @@ def _one_line(exc: BaseException) -> str:
 def _name(source: ImageSource) -> str:
     if isinstance(source, (str, os.PathLike)):
         return os.fspath(source)
-    return str(getattr(source, "name", "image"))
+    return str(getattr(source, "name", "(in memory)"))
 
 
 def _grey_to_rgb(grey: np.ndarray) -> Image.Image:
@@ -85,10 +85,11 @@ def _float_to_rgb(image: Image.Image) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """An 8-bit RGB copy of any PIL image (the input itself if it already is RGB), by the rules above."""
+    """A new 8-bit RGB image from any PIL image, by the rules above (a copy, like ``convert``, so it
+    outlives the file the input was opened from)."""
     mode = image.mode
     if mode == "RGB":
-        return image
+        return image.copy()
     if mode.startswith("I"):  # I, I;16, I;16L, I;16B, I;16N
         return _int_to_rgb(image)
     if mode == "F":
@@ -131,22 +132,23 @@ def _decode(image: Image.Image) -> None:
         image.load()
 
 
-def open_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode an image file (a path or a binary file object) fully into 8-bit RGB.
+def open_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, *,
+               name: str | None = None) -> Image.Image:
+    """Decode an image file (a path or a binary file object) fully into 8-bit RGB; ``name`` is what
+    errors call it (default: the path, or the file object's name).
 
     Raises a one-line :class:`DataError` naming the file if it cannot be read, and
     :class:`ImageTooLargeError` before decoding if it has more than ``max_pixels`` pixels (0 = no
     cap; PIL's own hard limit, twice ``PIL.Image.MAX_IMAGE_PIXELS``, still applies).
     """
-    name = _name(source)
+    name = name or _name(source)
     try:
         with _open_header(source) as image:
             check_pixels(image.size, max_pixels, name)
             # load() decodes now: a truncated file fails here, naming the file, not later inside a
             # transform with a bare PIL traceback.
             _decode(image)
-            rgb = to_rgb(image)
-            return rgb.copy() if rgb is image else rgb  # a copy outlives the closed file
+            return to_rgb(image)
     except ImageTooLargeError:
         raise
     except Image.DecompressionBombError as exc:

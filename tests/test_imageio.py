@@ -184,6 +184,13 @@ def test_rgb_is_unchanged_and_file_objects_work(tmp_path):
     Image.fromarray(values).save(buf, format="PNG")
     buf.seek(0)
     np.testing.assert_array_equal(_rgb(buf), values)
+    with Image.open(_save(Image.fromarray(values), tmp_path / "rgb.png")) as lazy:
+        rgb = to_rgb(lazy)
+    np.testing.assert_array_equal(np.asarray(rgb), values)  # a copy: usable after the file is closed
+    with pytest.raises(DataError, match=r"^cannot read image the request body: "):
+        open_image(io.BytesIO(b"not an image"), name="the request body")
+    with pytest.raises(DataError, match=r"^cannot read image \(in memory\): "):
+        open_image(io.BytesIO(b"not an image"))
 
 
 # ------------------------------------------------------------------------------------------------
