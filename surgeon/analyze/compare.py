@@ -116,29 +116,62 @@ def markdown_table(groups: list[Group]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_groups(groups: list[Group], path: Path) -> None:
-    """Validation accuracy per epoch: each group's mean with a ±1 std band."""
+_MARKERS = "os^Dv<>PX*"
+_LINES = ("-", "--", "-.", ":")
+
+
+def identical_groups(groups: list[Group]) -> dict[int, int]:
+    """Group index -> the index of an earlier group whose mean curve is exactly the same (drawn one
+    over the other, the later would hide the earlier: the legend says so instead)."""
+    curves = [tuple(round(100 * sum(r.history[e]["val_acc"] for r in g.runs) / len(g.runs), 9)
+                    for e in range(min(len(r.history) for r in g.runs))) for g in groups]
+    same: dict[int, int] = {}
+    for i, c in enumerate(curves):
+        j = curves.index(c)
+        if j != i:
+            same[i] = j
+    return same
+
+
+def curves_figure(groups: list[Group]):
+    """Validation accuracy per epoch: each group's mean with a ±1 std band; integer epoch ticks, a
+    marker and line style per group so overlapping curves stay visible."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
+    same = identical_groups(groups)
     fig, ax = plt.subplots(figsize=(8, 5))
-    for g in groups:
+    for i, g in enumerate(groups):
         epochs = min(len(r.history) for r in g.runs)
         acc = np.array([[100 * r.history[e]["val_acc"] for e in range(epochs)] for r in g.runs])
         x = np.arange(1, epochs + 1)
         mean, std = acc.mean(axis=0), acc.std(axis=0)
-        (line,) = ax.plot(x, mean, label=f"{g.label} (n={len(g.runs)})")
+        label = f"{g.label} (n={len(g.runs)})" + (f", same curve as {groups[same[i]].label}" if i in same else "")
+        # Earlier groups get bigger markers, so a later identical curve leaves them visible around it.
+        (line,) = ax.plot(x, mean, label=label, marker=_MARKERS[i % len(_MARKERS)], linestyle=_LINES[i % len(_LINES)],
+                          markersize=max(3.0, 9.0 - 1.5 * i), markerfacecolor="none" if i % 2 else None)
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
+    return fig
+
+
+def plot_groups(groups: list[Group], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(groups)
+    try:
+        fig.savefig(path, dpi=120, format="png")
+    finally:
+        plt.close(fig)
 
 
 def compare_runs(paths: list[str | Path], output: str | Path) -> tuple[list[Group], str]:

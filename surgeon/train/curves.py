@@ -21,7 +21,10 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
     ax_acc.plot(epochs, [100 * h["train_acc"] for h in history], "o-", label="train")
     ax_acc.plot(epochs, [100 * h["val_acc"] for h in history], "o-", label="val")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         ax.legend()
     if title:

@@ -82,3 +82,29 @@ def test_bad_run_directories(tmp_path):
             read_run(tmp_path / name)
     res = CliRunner().invoke(cli, ["compare", str(tmp_path / "empty")])
     assert res.exit_code == 1 and res.output.count("\n") == 1
+
+
+def test_curves_keep_identical_runs_visible_and_ticks_on_whole_epochs(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from surgeon.analyze.compare import curves_figure, group_runs
+
+    same = [0.5, 0.6, 0.7]
+    a = _run(tmp_path, "a", FinetuneConfig(baseline=True, epochs=3), same)
+    b = _run(tmp_path, "b", FinetuneConfig(grow=[GrowStep("wide", "classifier.3", 64)], epochs=3), same)
+    c = _run(tmp_path, "c", FinetuneConfig(grow=[GrowStep("deep", "classifier.3", 64)], epochs=3), [0.4, 0.5, 0.6])
+    groups = group_runs([read_run(p) for p in (a, b, c)])
+    fig = curves_figure(groups)
+    try:
+        ax = fig.axes[0]
+        lines = ax.get_lines()
+        assert len(lines) == 3
+        styles = {(ln.get_marker(), ln.get_linestyle()) for ln in lines}
+        assert len(styles) == 3  # each group distinguishable
+        assert lines[0].get_markersize() > lines[1].get_markersize()  # the earlier one shows around the later
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert sum("same curve as" in label for label in labels) == 1
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+    finally:
+        plt.close(fig)
