@@ -17,7 +17,7 @@ from typing import Any
 from surgeon.errors import SurgeonError
 
 # Configuration fields that do not change what is trained.
-_NOT_THE_EXPERIMENT = {"seed", "output_dir", "resume", "workers", "device", "data_root", "trust_code"}
+_NOT_THE_EXPERIMENT = {"seed", "output_dir", "resume", "workers", "device", "data_root", "trust_code", "max_image_pixels"}
 
 
 @dataclass

@@ -72,6 +72,8 @@ def growth_steps(grow: tuple[str, ...], layer: tuple[str, ...], units: tuple[int
 @click.option("--input-size", type=int, default=None, help="Input resolution (default: the model's).")
 @click.option("--augment/--no-augment", default=True, show_default=True, help="Training-time augmentation.")
 @click.option("--skip-bad-images", is_flag=True, help="Drop unreadable images (checked up front) instead of stopping.")
+@click.option("--max-image-pixels", type=click.IntRange(min=0), default=_D.max_image_pixels, show_default=True,
+              help="Refuse training images with more pixels than this, before decoding (0 = no limit).")
 @click.option("--calib-samples", type=int, default=_D.calib_samples, show_default=True, help="Images used to calibrate --gamma-init auto.")
 @click.option("--data-root", default=None, help="Download folder for torchvision:NAME data sets.")
 @click.option("--trust-code", is_flag=True, help="Allow importing the user code a checkpoint was grown from.")
@@ -80,7 +82,7 @@ def growth_steps(grow: tuple[str, ...], layer: tuple[str, ...], units: tuple[int
 @friendly_errors
 def finetune(ctx: click.Context, model_spec, weights, data, grow, layer, units, recipe, init, gamma_init, norm, tune,
              baseline, head, epochs, batch_size, lr, lr_new_mult, momentum, wd, lr_step, workers, amp, device, seed,
-             output_dir, resume, val_split, input_size, augment, skip_bad_images, calib_samples, data_root,
+             output_dir, resume, val_split, input_size, augment, skip_bad_images, max_image_pixels, calib_samples, data_root,
              trust_code, quiet) -> None:
     """Grow a pretrained model and fine-tune it on a target task; writes metrics.jsonl, curves.png,
     checkpoint.pt (for --resume) and grown.pt to --output-dir.
@@ -116,6 +118,7 @@ def finetune(ctx: click.Context, model_spec, weights, data, grow, layer, units, 
             head=head, input_size=input_size, tune=tune, epochs=epochs, batch_size=batch_size, lr=lr,
             lr_new_mult=lr_new_mult, momentum=momentum, wd=wd, lr_step=lr_step, workers=workers, amp=amp,
             device=device, seed=seed, val_split=val_split, augment=augment, skip_bad_images=skip_bad_images,
+            max_image_pixels=max_image_pixels,
             calib_samples=calib_samples, trust_code=trust_code, data_root=data_root,
         )
         result = run(config, progress=not quiet)

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from surgeon.errors import SurgeonError
+from surgeon.imageio import DEFAULT_MAX_IMAGE_PIXELS
 from surgeon.grow.recipe import GrowStep, recipe_from_json, recipe_to_json
 
 TUNE_MODES = ("new", "top", "all")
@@ -37,6 +38,7 @@ class FinetuneConfig:
     val_split: float = 0.2
     augment: bool = True
     skip_bad_images: bool = False
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     calib_samples: int = 256
     trust_code: bool = False
     data_root: str | None = None

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.utils.data
-import click
 import torchvision.datasets
 from PIL import Image
 from torchvision import transforms as T
@@ -29,6 +28,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 from surgeon import imageio
 from surgeon.errors import DataError
 from surgeon.imageio import DEFAULT_MAX_IMAGE_PIXELS, to_rgb
+from surgeon.log import LOG
 from surgeon.preprocessing import Preprocessing
 
 Transform = Callable[[Any], torch.Tensor]
@@ -329,8 +329,7 @@ def _report_skipped(bad: list[str], where: Path) -> None:
     # One plain line on stderr (a warnings.warn would print surgeon's source line too), from one
     # process only under torchrun, where every rank loads the data.
     if bad and int(os.environ.get("RANK", "0")) == 0:
-        click.echo(f"warning: skipped {len(bad)} unreadable or oversized image(s) under {where}: {_some(bad)}",
-                   err=True)
+        LOG.warning(f"skipped {len(bad)} unreadable or oversized image(s) under {where}: {_some(bad)}")
 
 
 def _folder_samples(directory: Path, classes: list[str], root: Path) -> Samples:

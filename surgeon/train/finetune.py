@@ -85,7 +85,8 @@ def resolve_device(name: str) -> torch.device:
 
 def _load_data(config: FinetuneConfig, pre: Preprocessing) -> DataSplits:
     return load_data(config.data, pre, val_split=config.val_split, augment=config.augment,
-                     skip_bad_images=config.skip_bad_images, seed=config.seed, root=config.data_root)
+                     skip_bad_images=config.skip_bad_images, seed=config.seed, root=config.data_root,
+                     max_image_pixels=config.max_image_pixels)
 
 
 def prepare(config: FinetuneConfig) -> Prepared:

@@ -53,3 +53,16 @@ def test_input_size_too_small_for_the_model_is_one_line_without_fx_dumps(tmp_pat
     err = _one_line_error(result)
     assert "does not run on a 3x20x20 image" in err and "Output size is too small" in err
     assert "ShapeProp" not in err and "meta=" not in err
+
+
+def test_finetune_refuses_images_over_max_image_pixels(tmp_path):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.new("RGB", (40, 30)).save(tmp_path / cls / f"{i}.png")
+    res = CliRunner().invoke(cli, ["finetune", "--data", str(tmp_path), "--max-image-pixels", "1000", "--epochs", "1",
+                                   "-j", "0", "--quiet", "--output-dir", str(tmp_path / "run")])
+    err = _one_line_error(res)
+    assert "1,200 pixels" in err and "--max-image-pixels" in err

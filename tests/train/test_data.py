@@ -16,6 +16,7 @@ from sklearn.datasets import load_digits
 
 from surgeon.errors import DataError
 from surgeon.preprocessing import Preprocessing
+from surgeon.log import setup_cli_logging
 from surgeon.train.data import builtin_names, eval_transform, load_data, open_image, train_transform
 
 PRE = Preprocessing(input_size=32, resize=36)
@@ -299,6 +300,7 @@ def test_open_image_returns_rgb_and_names_bad_file(tmp_path):
 
 
 def test_skip_bad_images_drops_and_reports_in_one_line(tmp_path, capsys):
+    setup_cli_logging()  # as the CLI does: the surgeon logger's warnings as plain lines on stderr
     _write_class_folders(tmp_path)
     bad = _add_bad_images(tmp_path)
     with warnings.catch_warnings():
@@ -318,6 +320,7 @@ def test_skip_bad_images_drops_and_reports_in_one_line(tmp_path, capsys):
 
 
 def test_skip_report_lists_the_first_few_paths_once_for_train_and_val(tmp_path, capsys):
+    setup_cli_logging()
     for split in ("train", "val"):
         _write_class_folders(tmp_path / split, classes=("cat", "dog"))
         for i in range(3):
