@@ -13,9 +13,10 @@ from surgeon.commands.common import CONTEXT, friendly_errors
 
 
 def _print_checks(checks) -> None:
+    # The tolerance bounds the error relative to the logits' scale (max |torch|), not |err| itself.
     for c in checks:
-        click.echo(f"  {c.stage:<15} {c.inputs:<20} batch {c.batch:>3}  max |err| {c.max_abs_err:.2e}  "
-                   f"relative {c.rel_err:.2e}  (tolerance {c.tolerance:.0e})  {'ok' if c.ok else 'FAIL'}")
+        click.echo(f"  {c.stage:<15} {c.inputs:<20} batch {c.batch:>3}  max |err| {c.max_abs_err:.2e} = {c.rel_err:.1e} "
+                   f"of the logits' scale (tolerance {c.tolerance:.0e} of scale): {'ok' if c.ok else 'FAIL'}")
 
 
 def _ops(counts: dict[str, int]) -> str:
@@ -139,6 +140,7 @@ def verify(model: str, grown: str, calib: str | None, tolerance: float | None, t
                                 calib=calib, batches=batch.verify_batches(), max_batch=batch.max)
     ckpt.state_dict = {}  # PyTorch's part is done: free its weights before ONNX Runtime loads the model's
     gc.collect()
-    checks = verify_onnx(model, reference, stage="verify", tolerance=tolerance)
+    checks = verify_onnx(model, reference, stage="verify", tolerance=tolerance,
+                         on_failure=f"{model} does not match {grown} (re-export it with `surgeon export`)")
     _print_checks(checks)
     click.echo(f"{model} matches {grown}")

@@ -83,21 +83,23 @@ class LeanModel:
     @classmethod
     def load(cls, path: str | Path) -> LeanModel:
         """Read an ONNX file; tensors in external data files are memory-mapped, not read (they cost
-        memory only as they are used, and ONNX Runtime takes the mapped arrays as feeds)."""
-        from surgeon.export.onnx_io import load_onnx
+        memory only as they are used, and ONNX Runtime takes the mapped arrays as feeds). Only the
+        files and byte ranges that :func:`~surgeon.export.onnx_io.check_external_data` allowed are mapped."""
+        from surgeon.export.onnx_io import check_external_data, load_onnx
 
         path = Path(path)
         header = load_onnx(path, load_external_data=False)
+        checked = {t.name: t for t in check_external_data(header, path)}
         mapped: dict[str, np.ndarray] = {}
         for t in header.graph.initializer:
             if t.data_location != onnx.TensorProto.EXTERNAL:
                 continue
-            info = {e.key: e.value for e in t.external_data}
+            where = checked[t.name]
             dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
             try:
-                mapped[t.name] = np.memmap(path.parent / info["location"], dtype=dtype.newbyteorder("<"), mode="r",
-                                           offset=int(info.get("offset", 0)), shape=tuple(t.dims))
-            except (OSError, ValueError, KeyError) as exc:
+                mapped[t.name] = np.memmap(where.file, dtype=dtype.newbyteorder("<"), mode="r",
+                                           offset=where.offset, shape=tuple(t.dims))
+            except (OSError, ValueError) as exc:
                 raise SurgeonError(f"{path}: cannot map the external data of tensor {t.name} ({exc})") from None
         if not mapped:
             return cls.from_proto(load_onnx(path))

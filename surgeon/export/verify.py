@@ -49,7 +49,19 @@ class OrtRunner:
         self._weights = model.weights if isinstance(model, LeanModel) else {}
         source = model.proto.SerializeToString() if isinstance(model, LeanModel) else str(model)
         self.session = open_session(source, ["CPUExecutionProvider"])
-        self.input_name = next(i.name for i in self.session.get_inputs() if i.name not in self._weights)
+        self.input = next(i for i in self.session.get_inputs() if i.name not in self._weights)
+        self.input_name = self.input.name
+
+    def check_input(self, x: np.ndarray) -> str | None:
+        """Why ``x`` does not fit the model's declared input (None when it does)."""
+        dims = [d if isinstance(d, int) else None for d in self.input.shape]
+        if not dims:  # ONNX Runtime shows an input of unknown rank as []: nothing to check
+            return None
+        if len(dims) == x.ndim and all(d is None or d == n for d, n in zip(dims, x.shape)):
+            return None
+        from surgeon.export.onnx_io import show_shape
+
+        return f"the model's input {self.input_name} has shape {show_shape(dims)}, but the checkpoint takes {list(x.shape)}"
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {**self._weights, self.input_name: x})[0]
@@ -58,7 +70,7 @@ class OrtRunner:
 def _has_external_data(path: Path) -> bool:
     from surgeon.export.onnx_io import load_onnx
 
-    header = load_onnx(path, load_external_data=False)
+    header = load_onnx(path, load_external_data=False)  # refuses external data outside the model's folder
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)
 
 
@@ -130,19 +142,33 @@ def _check_deterministic(model: nn.Module, case: tuple[str, np.ndarray, np.ndarr
                            "of eval()?), so it cannot be verified")
 
 
+NOT_WRITTEN = "the model was not written"
+
+
 def verify(model: LeanModel | onnx.ModelProto | str | Path, reference: Reference, *, stage: str,
-           tolerance: float = FP32_TOLERANCE) -> list[Verification]:
-    """Raise SurgeonError (naming ``stage``) unless ONNX Runtime matches the reference within
-    ``tolerance``. ``model``: in memory, or a file's path (ONNX Runtime reads it, external data too)."""
+           tolerance: float = FP32_TOLERANCE, on_failure: str = NOT_WRITTEN) -> list[Verification]:
+    """Raise SurgeonError (naming ``stage``, ending in ``on_failure``: what it means for the caller)
+    unless ONNX Runtime matches the reference within ``tolerance`` of the logits' scale. ``model``: in
+    memory, or a file's path (ONNX Runtime reads it, external data too, once checked)."""
+    from surgeon.runtime.backends.ort import ort_errors, ort_message
+
     runner = OrtRunner(model)
     results = []
     for what, x, expected in reference.cases:
-        err, rel = compare(expected, runner.run(x))
+        mismatch = runner.check_input(x)
+        if mismatch:
+            raise SurgeonError(f"{stage}: {mismatch}; {on_failure}")
+        try:
+            actual = runner.run(x)
+        except ort_errors() as exc:
+            raise SurgeonError(f"{stage}: ONNX Runtime failed to run the model on {what} (batch {len(x)}): "
+                               f"{ort_message(exc)}; {on_failure}") from None
+        err, rel = compare(expected, actual)
         check = Verification(stage, what, len(x), err, rel, tolerance)
         results.append(check)
         if not check.ok:
             raise SurgeonError(
                 f"{stage}: ONNX Runtime differs from PyTorch by {rel:.2e} of the logits' scale on {what} "
-                f"(batch {len(x)}; tolerance {tolerance:.0e}); the model was not written"
+                f"(batch {len(x)}; tolerance {tolerance:.0e} of the scale); {on_failure}"
             )
     return results

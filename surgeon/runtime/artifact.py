@@ -8,7 +8,7 @@ metadata still works: ImageNet preprocessing at its input size, classes numbered
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from surgeon.errors import SurgeonError
@@ -28,9 +28,12 @@ class Artifact:
     precision: str = "fp32"
     max_batch: int = 64
     meta: dict[str, str] = field(default_factory=dict)
+    input_dims: tuple[int | None, ...] | None = None  # the model's declared input (None: dynamic); None if unknown
+    data_files: tuple[str, ...] = ()                  # its external data files, relative to its folder (checked)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
+        """One preprocessed image, as the preprocessing metadata makes it."""
         size = self.preprocessing.input_size
         return (3, size, size)
 
@@ -68,17 +71,21 @@ def read_artifact(path: str | Path) -> Artifact:
         raise SurgeonError(f"{p} is a directory, not a model file")
     suffix = p.suffix.lower()
     if suffix == ".onnx":
-        from surgeon.export.onnx_io import load_onnx, model_inputs
+        from surgeon.export.onnx_io import check_external_data, declared_dims, load_onnx, model_inputs
 
-        header = load_onnx(p, load_external_data=False)
+        header = load_onnx(p, load_external_data=False)  # refuses external data outside the model's folder
+        data_files = tuple(dict.fromkeys(t.location for t in check_external_data(header, p)))
         inputs = model_inputs(header)
         dims = inputs[0].type.tensor_type.shape.dim if inputs else []
         size = dims[-1].dim_value if len(dims) == 4 and dims[-1].HasField("dim_value") else None
         out_dims = header.graph.output[0].type.tensor_type.shape.dim if header.graph.output else []
         outputs = out_dims[-1].dim_value if out_dims and out_dims[-1].HasField("dim_value") else None
         meta = {m.key: m.value for m in header.metadata_props}
-        return _from_meta(p, "onnx", meta, size, outputs, inputs[0].name if inputs else "images",
-                          header.graph.output[0].name if header.graph.output else "logits")
+        art = _from_meta(p, "onnx", meta, size, outputs, inputs[0].name if inputs else "images",
+                         header.graph.output[0].name if header.graph.output else "logits")
+        # The graph, not its metadata, says what ONNX Runtime must be fed.
+        graph_input = {"input_name": inputs[0].name, "input_dims": declared_dims(inputs[0])} if inputs else {}
+        return replace(art, **graph_input, data_files=data_files)
     if suffix in ENGINE_SUFFIXES:
         from surgeon.trt.build import engine_sidecar
 
@@ -93,6 +100,8 @@ def read_artifact(path: str | Path) -> Artifact:
         shape = build.get("input_shape") or []
         art = _from_meta(p, "engine", meta, shape[-1] if len(shape) == 4 else None, None,
                          build.get("input", "images"), meta.get("surgeon.output", "logits"))
+        if shape and all(isinstance(d, int) for d in shape):
+            art = replace(art, input_dims=tuple(d if d > 0 else None for d in shape))
         batch = str(build.get("batch", ""))
         if batch.count(":") == 2:
             art = Artifact(**{**art.__dict__, "max_batch": int(batch.split(":")[2]),

@@ -71,6 +71,7 @@ class Session:
                                f"use one of {', '.join(_FOR_KIND[kind])}")
         self._runner = self._open(threads, trust_code)
         self._transform = None
+        self.batch_shape = _batch_shape(self.artifact)
 
     def _open(self, threads: int | None, trust_code: bool) -> Any:
         art = self.artifact
@@ -84,7 +85,7 @@ class Session:
             return EngineRunner(art.path, art.input_name, art.output_name, rtx=art.meta.get("surgeon.ahead_of_time") == "True")
         from surgeon.runtime.backends.ort import OrtRunner
 
-        return OrtRunner(art.path, self.backend, art.input_name, threads)
+        return OrtRunner(art.path, self.backend, art.input_name, threads, checked=True)  # read_artifact checked it
 
     @property
     def classes(self) -> list[str]:
@@ -93,11 +94,12 @@ class Session:
     # -- tensors ------------------------------------------------------------------------------------
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Logits (float32 ``[N, classes]``) for a preprocessed float batch ``[N, 3, S, S]``."""
+        """Logits (float32 ``[N, classes]``) for a preprocessed float batch of the model's input shape
+        (``[N, 3, S, S]`` for an image model)."""
         batch = np.asarray(batch)
-        want = self.artifact.input_shape
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != want:
-            raise SurgeonError(f"expected a batch of shape [N, {', '.join(map(str, want))}], got {list(batch.shape)}")
+        if not _fits(batch.shape, self.batch_shape):
+            raise SurgeonError(f"expected a batch of shape {_show(self.batch_shape)} for input {self.artifact.input_name} "
+                               f"of {self.artifact.path.name}, got {list(batch.shape)}")
         if not np.issubdtype(batch.dtype, np.floating):
             raise SurgeonError(f"expected a float batch (preprocessed images), got {batch.dtype}")
         return self._runner.run(batch.astype(np.float32, copy=False))
@@ -137,6 +139,11 @@ class Session:
         """Top-``topk`` classes with softmax scores for each image, in batches the model accepts."""
         if topk < 1:
             raise SurgeonError(f"--topk must be at least 1, got {topk}")
+        images_batch = (None, *self.artifact.input_shape)
+        if not _fits(images_batch, self.batch_shape):  # before reading any image: none could be fed
+            raise SurgeonError(f"{self.artifact.path.name} cannot classify images: its input {self.artifact.input_name} "
+                               f"takes {_show(self.batch_shape)}, but its preprocessing metadata makes batches of "
+                               f"{_show(images_batch)}; re-export it with `surgeon export`, or call run() with such batches")
         batch = self.preprocess(images)
         logits = [self.run(batch[i:i + self.artifact.max_batch]) for i in range(0, len(batch), self.artifact.max_batch)]
         return [self._top(row, topk) for chunk in logits for row in chunk]
@@ -150,6 +157,28 @@ class Session:
 
     def __repr__(self) -> str:
         return f"Session({str(self.artifact.path)!r}, backend={self.backend!r})"
+
+
+def _batch_shape(art: Artifact) -> tuple[int | None, ...]:
+    """The batch shape ``run`` accepts (None: any size): the model's declared input, its dynamic
+    dims filled in from the preprocessing where it is an image input, else ``[N, 3, S, S]``."""
+    image = (None, *art.input_shape)
+    dims = art.input_dims
+    if dims is None:
+        return image
+    if len(dims) == 4:
+        return tuple(d if d is not None else image[i] for i, d in enumerate(dims))
+    return dims
+
+
+def _fits(shape: Sequence[int | None], want: tuple[int | None, ...]) -> bool:
+    return len(shape) == len(want) and all(w is None or s is None or s == w for s, w in zip(shape, want))
+
+
+def _show(shape: tuple[int | None, ...]) -> str:
+    from surgeon.export.onnx_io import show_shape
+
+    return show_shape(shape)
 
 
 def image_files(paths: Sequence[str]) -> list[Path]:

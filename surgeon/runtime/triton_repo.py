@@ -2,12 +2,13 @@
 
     DIR/<name>/config.pbtxt      platform, max_batch_size, typed inputs/outputs, dynamic batching
     DIR/<name>/labels.txt        one class per line (the output's label file: classification results)
-    DIR/<name>/1/model.onnx      (+ its external data file), or 1/model.plan for a TensorRT engine
+    DIR/<name>/1/model.onnx      (+ the external data files it names), or 1/model.plan for a TensorRT engine
 
 ONNX models use the ``onnxruntime_onnx`` platform with ONNX Runtime's TensorRT accelerator
 (precision from the graph); engines use ``tensorrt_plan``. An engine built by TensorRT-RTX cannot be
 served by Triton's TensorRT backend, so the ONNX file is used instead. Every file is written
-atomically.
+atomically. Only the external data files the model names are copied, once their locations are checked
+to lie inside the model's folder (a stray ``model.onnx.data`` beside it, or a link out, is not).
 """
 
 from __future__ import annotations
@@ -106,9 +107,8 @@ def write_repository(repo: str | Path, onnx_path: str | Path, *, engine: str | P
         _copy(art.path, folder / "1" / "model.plan")
     else:
         _copy(art.path, folder / "1" / "model.onnx")
-        data = art.path.with_name(art.path.name + ".data")  # external data keeps its file name
-        if data.exists():
-            _copy(data, folder / "1" / data.name)
+        for location in art.data_files:  # relative, without "..", resolved inside the folder: read_artifact checked
+            _copy(art.path.parent / location, folder / "1" / location)
     atomic_write_text(folder / "labels.txt", "".join(f"{c}\n" for c in art.classes))
     atomic_write_text(folder / "config.pbtxt", config_text(art, folder.name, platform, max_batch=max_batch,
                                                            preferred=preferred, queue_delay_us=queue_delay_us,

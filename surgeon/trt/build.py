@@ -158,7 +158,9 @@ def build_engine(onnx_path: str | Path, output: str | Path | None = None, *, bat
                  workspace_mb: int | None = None, builder: str = "auto") -> EngineReport:
     """Build and write a TensorRT engine for ``onnx_path`` (see the module docstring)."""
     path = Path(onnx_path)
-    header = load_onnx(path, load_external_data=False)  # graph and metadata; external tensors stay on disk
+    # Graph and metadata; external tensors stay on disk, their locations checked: the parser itself
+    # follows an in-folder symbolic link out of the folder and would embed that file in the engine.
+    header = load_onnx(path, load_external_data=False)
     meta = {p.key: p.value for p in header.metadata_props}
     graph_precision = _graph_precision(header)
     if precision is not None and precision != graph_precision:

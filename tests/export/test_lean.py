@@ -15,6 +15,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from surgeon.checkpoint import read_checkpoint
+from surgeon.errors import SurgeonError
 from surgeon.export import lean as lean_mod
 from surgeon.export.lean import SMALL_TENSOR, LeanModel
 from surgeon.export.onnx_export import to_onnx
@@ -183,5 +184,5 @@ def test_load_maps_external_data_instead_of_reading_it(tmp_path, monkeypatch):
     x = RNG.normal(size=(2, 64)).astype(np.float32)
     np.testing.assert_array_equal(OrtRunner(path).run(x), _run(model.SerializeToString(), {"x": x}))
     (tmp_path / "m.onnx.data").unlink()
-    with pytest.raises(Exception, match="cannot map the external data of tensor w1"):
+    with pytest.raises(SurgeonError, match="tensor w1's external data location 'm.onnx.data' does not exist"):
         LeanModel.load(path)

@@ -61,7 +61,9 @@ class EngineRunner:
         torch = self._torch
         with self._lock, torch.cuda.stream(self._stream):
             x = torch.from_numpy(np.ascontiguousarray(batch)).to("cuda", self._in_dtype, non_blocking=True)
-            self.context.set_input_shape(self.input_name, tuple(x.shape))
+            if not self.context.set_input_shape(self.input_name, tuple(x.shape)):  # outside the engine's profile
+                raise SurgeonError(f"the engine cannot take a batch of shape {list(x.shape)} for {self.input_name} "
+                                   f"(outside its optimization profile: rebuild it with `surgeon build --batch`)")
             y = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), device="cuda", dtype=self._out_dtype)
             self.context.set_tensor_address(self.input_name, x.data_ptr())
             self.context.set_tensor_address(self.output_name, y.data_ptr())
