@@ -286,3 +286,19 @@ def test_predict_sees_a_16_bit_image_as_it_looks(onnx_model, tmp_path):
     got = session.predict([open_image(path)], topk=4)[0]
     assert [p.index for p in got] == [p.index for p in want]
     np.testing.assert_allclose([p.score for p in got], [p.score for p in want], rtol=1e-5)
+
+
+def test_session_predict_scales_a_16_bit_pil_image_like_its_8_bit_version(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from surgeon.runtime.session import Session
+    from tests.conftest import DIGITNET
+
+    session = Session(DIGITNET, backend="torch")
+    rng = np.random.default_rng(0)
+    grey8 = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+    grey16 = Image.fromarray((grey8.astype(np.uint16) * 257).astype(np.uint16))  # v * 65535 / 255, exactly
+    assert grey16.mode.startswith("I")
+    a, b = session.preprocess([grey16]), session.preprocess([Image.fromarray(grey8)])
+    np.testing.assert_array_equal(a, b)

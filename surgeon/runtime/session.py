@@ -113,7 +113,8 @@ class Session:
     def _one(self, item: Any) -> np.ndarray:
         from PIL import Image
 
-        from surgeon.train.data import eval_transform, open_image
+        from surgeon.imageio import open_image, to_rgb
+        from surgeon.train.data import eval_transform
 
         if isinstance(item, np.ndarray) and item.dtype.kind == "f":
             if tuple(item.shape) != self.artifact.input_shape:
@@ -123,9 +124,9 @@ class Session:
         if isinstance(item, (str, os.PathLike)):
             image = open_image(item)
         elif isinstance(item, Image.Image):
-            image = item.convert("RGB")
+            image = to_rgb(item)  # 16-bit and float images scaled, not clipped
         elif isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim in (2, 3):
-            image = Image.fromarray(item).convert("RGB")
+            image = to_rgb(Image.fromarray(item))
         else:
             raise SurgeonError(f"cannot make an image of {type(item).__name__}: pass a path, a PIL image, a uint8 array "
                                f"or a preprocessed float array")
