@@ -69,6 +69,7 @@ def export(grown: str, output: str | None, opset: int, calib: str | None, batch_
     from surgeon.export.onnx_export import BatchRange, export_checkpoint
     from surgeon.fileio import atomic_write_text
 
+    triton_model = _triton_model_name(triton_name, grown) if triton_repo else None  # before any write
     engine = None
     if trt:
         from surgeon.trt.build import choose_grownorm
@@ -97,8 +98,8 @@ def export(grown: str, output: str | None, opset: int, calib: str | None, batch_
     if triton_repo:
         from surgeon.runtime.triton_repo import write_repository
 
-        name = triton_name or Path(grown).resolve().parent.name or Path(grown).stem
-        folder, note = write_repository(triton_repo, result.path, engine=built.engine if built else None, name=name)
+        folder, note = write_repository(triton_repo, result.path, engine=built.engine if built else None,
+                                        name=triton_model)
         click.echo(f"wrote Triton model repository {folder}" + (f" ({note})" if note else ""))
     if report:
         atomic_write_text(report, json.dumps({
@@ -144,3 +145,11 @@ def verify(model: str, grown: str, calib: str | None, tolerance: float | None, t
                          on_failure=f"{model} does not match {grown} (re-export it with `surgeon export`)")
     _print_checks(checks)
     click.echo(f"{model} matches {grown}")
+
+
+def _triton_model_name(name: str | None, grown: str) -> str:
+    """The model's name in ``--triton-repo`` (``--triton-name``, else the checkpoint's folder name),
+    made a valid Triton name; checked before anything is written."""
+    from surgeon.runtime.triton_repo import model_name
+
+    return model_name(name if name is not None else (Path(grown).resolve().parent.name or Path(grown).stem))

@@ -76,3 +76,16 @@ def test_engine_config_uses_the_tensorrt_platform_on_gpus(tmp_path):
     assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 32 and list(cfg.input[0].dims) == [3, 64, 64]
     assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and cfg.instance_group[0].count == 2
     assert not cfg.optimization.HasField("execution_accelerators") and list(cfg.output[0].dims) == [3]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--triton-name", ".."], "cannot make a Triton model name of '..'"),
+    (["--triton-name", "///"], "cannot make a Triton model name"),
+])
+def test_a_bad_triton_name_is_refused_before_anything_is_written(tmp_path, args, message):
+    ckpt = _grown_checkpoint(tmp_path / "g.pt", [GrowStep("wide", "classifier.0", 16)])
+    out = tmp_path / "out" / "model.onnx"
+    res = CliRunner().invoke(cli, ["export", str(ckpt), "-o", str(out), "--triton-repo", str(tmp_path / "repo"), *args])
+    assert res.exit_code == 1 and message in res.stderr and res.stderr.count("\n") == 1, res.output
+    assert not out.exists() and not (tmp_path / "repo").exists()
+
