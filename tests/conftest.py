@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# CI has 2 cores: one torch thread per pytest-xdist worker, two when the suite runs in one process.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
-    # CI has 2 cores; keep torch from oversubscribing them when workers run too.
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     yield
 
 
