@@ -124,6 +124,8 @@ def propagate_shapes(gm: fx.GraphModule, input_size: int) -> None:
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(torch.zeros(1, 3, input_size, input_size, device=device, dtype=dtype))
     except Exception as exc:
+        for node in gm.graph.nodes:  # no stale half-propagated shapes: the next analysis re-runs this one
+            node.meta.pop("tensor_meta", None)
         cause = exc.__cause__ or exc
         text = str(cause).strip()
         first = text.splitlines()[0][:300] if text else type(cause).__name__
@@ -317,13 +319,23 @@ def find_site(gm: fx.GraphModule, layer: str) -> Site:
         raise GrowthError(f"{exc}; {suggest(gm, layer)}") from None
 
 
+def uncalled_reason(gm: fx.GraphModule, name: str) -> str:
+    """Why ``name`` names no module the forward calls: no such module, a block of layers (traced
+    through), or a module the forward never uses."""
+    # The model's own class names (the GraphModule turns traced-through blocks into plain Modules).
+    known = {**{n: type(m).__name__ for n, m in gm.named_modules()}, **gm.meta.get("surgeon_all_modules", {})}
+    if name not in known:
+        return f"the model has no layer named '{name}'"
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    if any(c.startswith(name + ".") for c in called) or (name == "" and called):
+        return f"'{name}' ({known[name]}) is a block of layers, not a Linear or Conv2d layer"
+    return f"'{name}' ({known[name]}) is not used by the model's forward"
+
+
 def _analyse(gm: fx.GraphModule, layer: str) -> Site:
     nodes = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) == layer]
     if not nodes:
-        known = {**gm.meta.get("surgeon_all_modules", {}), **{n: type(m).__name__ for n, m in gm.named_modules()}}
-        if layer in known:
-            raise GrowthError(f"'{layer}' ({known[layer]}) is not used by the model's forward")
-        raise GrowthError(f"the model has no layer named '{layer}'")
+        raise GrowthError(uncalled_reason(gm, layer))
     module = gm.get_submodule(layer)
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         raise GrowthError(f"'{layer}' is a grouped/depthwise conv (groups={module.groups}), whose channels cannot be grown independently")
@@ -331,6 +343,7 @@ def _analyse(gm: fx.GraphModule, layer: str) -> Site:
         raise GrowthError(f"'{layer}' is a {type(module).__name__}, not a Linear or Conv2d layer")
     if len(nodes) > 1:
         raise GrowthError(f"'{layer}' is called {len(nodes)} times in the forward (shared weights); growth needs a layer used once")
+    shared = _calls(gm)
     node = nodes[0]
     shape = shape_of(node)
     if shape is None or len(shape) not in (2, 4):
@@ -347,6 +360,9 @@ def _analyse(gm: fx.GraphModule, layer: str) -> Site:
             break
         site.chain.append(nxt)
         if kind == "bn":
+            if shared.get(str(nxt.target), 1) > 1:
+                raise GrowthError(f"cannot grow '{layer}': its output feeds {nxt.target}, a BatchNorm called "
+                                  f"{shared[str(nxt.target)]} times in the forward (shared statistics)")
             site.batchnorms.append(str(nxt.target))
         if kind == "norm":
             site.grown_norm = str(nxt.target)
@@ -359,7 +375,20 @@ def _analyse(gm: fx.GraphModule, layer: str) -> Site:
     _walk_region(gm, site, cur, shape_of(cur) or shape, positions=1)
     if not site.consumers:
         raise GrowthError(f"'{layer}' feeds no linear layer")
+    for consumer in site.consumers:  # its input grows for every call, not only the one reading the layer
+        if shared.get(consumer.name, 1) > 1:
+            raise GrowthError(f"cannot grow '{layer}': its output feeds {consumer.name}, which is called "
+                              f"{shared[consumer.name]} times in the forward (shared weights)")
     return site
+
+
+def _calls(gm: fx.GraphModule) -> dict[str, int]:
+    """How many nodes call each module."""
+    counts: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            counts[str(n.target)] = counts.get(str(n.target), 0) + 1
+    return counts
 
 
 def _walk_region(gm: fx.GraphModule, site: Site, src: fx.Node, src_shape: tuple[int, ...], positions: int) -> None:
@@ -404,6 +433,30 @@ def head_name(gm: fx.GraphModule) -> str:
             break
         cur = cur.all_input_nodes[0] if cur.all_input_nodes else None
     raise GrowthError("cannot find the classifier head (a Linear/Conv2d whose output is the model output); pass --head NAME")
+
+
+def head_problem(gm: fx.GraphModule, name: str) -> str | None:
+    """Why ``name`` cannot be replaced by a head of another width, or None. Its output must reach
+    only the model output: through activations, dropout, pooling, batch flattening and functions of
+    that one tensor (softmax, log_softmax, squeeze)."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) == name]
+    if len(nodes) != 1:
+        return f"is called {len(nodes)} times in the forward" if nodes else "is not used by the model's forward"
+    stack = [nodes[0]]
+    while stack:
+        src = stack.pop()
+        for user in src.users:
+            if user.op == "output" or _reads_metadata_only(user):
+                continue
+            kind = _classify(gm, user, src)
+            reshapes = (user.op == "call_method" and user.target in _FLATTEN_METHODS) or (
+                user.op == "call_function" and user.target in _FLATTEN_FUNCTIONS)
+            plain = user.op in ("call_function", "call_method") and _only_tensor_arg(user, src) and not reshapes
+            if kind in ("act", "pass", "pool", "flatten") or (kind.startswith("stop:") and plain):
+                stack.append(user)
+                continue
+            return kind[5:] if kind.startswith("stop:") else f"feeds {user.target} ({kind})"
+    return None
 
 
 @dataclass

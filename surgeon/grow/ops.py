@@ -6,6 +6,7 @@ every pretrained tensor, and leaves the graph runnable (shapes are propagated ag
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -13,7 +14,8 @@ from torch import fx, nn
 
 from surgeon.errors import GrowthError
 from surgeon.grow import init as winit
-from surgeon.grow.analysis import Site, find_site, head_name, propagate_shapes, shape_of, suggest
+from surgeon.grow.analysis import (Site, find_site, head_name, head_problem, propagate_shapes, shape_of, suggest,
+                                   uncalled_reason)
 from surgeon.grow.grownorm import GrowNorm
 from surgeon.grow.modules import ExtendedConv2d, ExtendedLinear, SplitBatchNorm, Widened, in_channels
 from surgeon.grow.recipe import GrowStep, HeadStep, Step
@@ -36,18 +38,58 @@ def apply_steps(gm: fx.GraphModule, steps: list[Step], state: GrowthState) -> Gr
         propagate_shapes(gm, state.input_size)
     ref = next((p for p in gm.parameters() if p.is_floating_point()), None)
     for step in steps:
-        if isinstance(step, HeadStep):
-            replace_head(gm, step, state)
-        elif step.kind == "wide":
-            widen(gm, step, state)
-        else:
-            deepen(gm, step, state)
-        if ref is not None:  # new modules are created on the CPU in fp32: match the model
-            gm.to(device=ref.device, dtype=ref.dtype)
-        gm.graph.lint()
-        gm.recompile()
-        propagate_shapes(gm, state.input_size)
+        undo = _Snapshot(gm, state)
+        try:
+            if isinstance(step, HeadStep):
+                replace_head(gm, step, state)
+            elif step.kind == "wide":
+                widen(gm, step, state)
+            else:
+                deepen(gm, step, state)
+            if ref is not None:  # new modules are created on the CPU in fp32: match the model
+                gm.to(device=ref.device, dtype=ref.dtype)
+            gm.graph.lint()
+            gm.recompile()
+            try:
+                propagate_shapes(gm, state.input_size)
+            except GrowthError as exc:  # the analysis let through an edit that breaks the model
+                inner = exc.__cause__ or exc
+                lines = str(inner.__cause__ or inner).strip().splitlines()
+                why = lines[0][:300] if lines else type(inner).__name__
+                raise GrowthError(f"{_describe(step)} gave a model that does not run ({why}); the model is left "
+                                  "as it was; this is a surgeon bug, please report it") from exc
+        except BaseException:
+            undo.restore()  # a refused (or failed) step leaves the model as it was
+            raise
     return state
+
+
+def _describe(step: Step) -> str:
+    if isinstance(step, HeadStep):
+        return f"replacing the head {step.layer or ''}".rstrip()
+    return f"{'widening' if step.kind == 'wide' else 'deepening after'} '{step.layer}' by {step.units} units"
+
+
+class _Snapshot:
+    """What a step can change, kept by reference (no tensor is copied): the graph, every module's
+    children and the growth state. The edits replace modules and create new ones, never write into a
+    pretrained tensor, so restoring the references restores the model."""
+
+    def __init__(self, gm: fx.GraphModule, state: GrowthState) -> None:
+        self.gm, self.state = gm, state
+        self.graph = copy.deepcopy(gm.graph)  # nodes with their meta (shapes), the code generator
+        self.children = [(m, dict(m._modules)) for m in gm.modules()]
+        self.fields = {k: (set(v) if isinstance(v, set) else list(v) if isinstance(v, list) else v)
+                       for k, v in vars(state).items()}
+
+    def restore(self) -> None:
+        for module, children in self.children:
+            module._modules.clear()
+            module._modules.update(children)
+        self.gm.graph = self.graph
+        self.gm.recompile()
+        for k, v in self.fields.items():
+            setattr(self.state, k, v)
 
 
 def _unique_name(gm: fx.GraphModule, base: str) -> str:
@@ -69,12 +111,15 @@ def _default_head(old: nn.Module, in_ch: int, classes: int) -> nn.Module:
 
 def replace_head(gm: fx.GraphModule, step: HeadStep, state: GrowthState) -> None:
     name = step.layer or head_name(gm)
-    try:
-        old = gm.get_submodule(name)
-    except AttributeError:
-        raise GrowthError(f"the model has no layer named '{name}' to use as the head") from None
+    if not any(n.op == "call_module" and str(n.target) == name for n in gm.graph.nodes):
+        raise GrowthError(f"cannot use '{name}' as the head: {uncalled_reason(gm, name)}")
+    old = gm.get_submodule(name)
     if not isinstance(old, (nn.Linear, nn.Conv2d)) or isinstance(old, Widened):
         raise GrowthError(f"the head '{name}' is a {type(old).__name__}; surgeon replaces a Linear or Conv2d head")
+    problem = head_problem(gm, name)
+    if problem:
+        raise GrowthError(f"'{name}' cannot be the classifier head: its output {problem}, but a new head's output "
+                          "(one per class) must be the model's output; pass --head with the last Linear/Conv2d")
     gm.set_submodule(name, _default_head(old, in_channels(old), step.classes))
     state.head = name
     state.fresh.add(name)
