@@ -7,6 +7,7 @@ structure exactly (the weights then come from the checkpoint's state dict).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,8 @@ def parse_gamma_init(value: str | float) -> float | str:
         v = float(value)
     except (TypeError, ValueError):
         raise SurgeonError(f"--gamma-init must be 'auto' or a number, got {value!r}") from None
-    if not v > 0:
-        raise SurgeonError(f"--gamma-init must be positive, got {value!r}")
+    if not 0 < v < math.inf:
+        raise SurgeonError(f"--gamma-init must be a positive finite number, got {value!r}")
     return v
 
 
@@ -74,8 +75,8 @@ class GrowStep:
             raise SurgeonError("every growth step needs a --layer")
         if not isinstance(self.norm, bool):
             raise SurgeonError(f"a growth step's norm must be true or false, got {self.norm!r}")
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
-            raise SurgeonError(f"a growth step's eps must be a positive number, got {self.eps!r}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < math.inf:
+            raise SurgeonError(f"a growth step's eps must be a positive finite number, got {self.eps!r}")
         object.__setattr__(self, "gamma_init", parse_gamma_init(self.gamma_init))
 
 

@@ -190,6 +190,8 @@ def make_spec(seed: int) -> dict:
         elif r < 0.2:
             ops.append(("twice_fc", f))
     ops.append(("linear", f, "classes"))
+    if rng.random() < 0.1:  # something after the head that keeps its shape
+        ops.append(("post", rng.choice(["log_softmax", "softmax", "scale"])))
     return {"size": size, "classes": rng.randint(2, 6), "ops": ops, "spare": rng.random() < 0.2}
 
 
@@ -266,6 +268,8 @@ class RandomNet(nn.Module):
                     x = F.gelu(x)
                 else:
                     x = x.sigmoid()
+            elif kind == "post":
+                x = F.log_softmax(x, 1) if arg == "log_softmax" else x.softmax(1) if arg == "softmax" else x / 2
             elif kind == "pool" and arg == "F.max_pool2d":
                 x = F.max_pool2d(x, 2)
             elif kind == "drop" and arg == "F.dropout":
@@ -331,7 +335,7 @@ def make_steps(seed: int, model: nn.Module, size: int) -> tuple[list, bool]:
     preserving = rng.random() < 0.25
     steps: list[tuple[type, dict]] = []
     if not preserving and rng.random() < 0.9:
-        head: dict = {"classes": rng.choice([2, 3, 5]) if rng.random() < 0.95 else rng.choice([1, 0])}
+        head: dict = {"classes": rng.choice([2, 3, 5]) if rng.random() < 0.95 else rng.choice([1, 0, True, 3.0])}
         if rng.random() < 0.1:
             head["layer"] = rng.choice(names)
         steps.append((HeadStep, head))
@@ -357,8 +361,13 @@ def make_steps(seed: int, model: nn.Module, size: int) -> tuple[list, bool]:
             norm = rng.random() < 0.75
             g = rng.random()
             gamma = "auto" if g < 0.6 else round(rng.uniform(0.5, 20), 3) if g < 0.95 else rng.choice([0, -1.0, "big"])
-        steps.append((GrowStep, {"kind": kind, "layer": layer, "units": units, "init": init, "norm": norm,
-                                 "gamma_init": gamma}))
+        kwargs = {"kind": kind, "layer": layer, "units": units, "init": init, "norm": norm, "gamma_init": gamma}
+        if rng.random() < 0.1:  # a value of the wrong kind or out of range (a hand-written recipe file)
+            key, bad = rng.choice([("units", True), ("units", 2.0), ("units", "4"), ("kind", "tall"), ("init", "xavier"),
+                                   ("norm", 1), ("eps", 0.0), ("eps", -1e-6), ("eps", True), ("eps", 1e-3),
+                                   ("gamma_init", float("nan")), ("gamma_init", float("inf")), ("layer", 3)])
+            kwargs[key] = bad
+        steps.append((GrowStep, kwargs))
     return steps, preserving
 
 
@@ -463,7 +472,7 @@ def _deep_inputs_non_negative(gm, state: GrowthState, x: torch.Tensor) -> bool:
 
 def _export(seed: int, gm, applied, size: int, classes: int, tmp_path) -> bool:
     """surgeon's own path: checkpoint → rebuild from the recipe → export → verify at its tolerances."""
-    from surgeon.checkpoint import Checkpoint, save_checkpoint
+    from surgeon.checkpoint import Checkpoint, load_model, save_checkpoint
     from surgeon.export.onnx_export import export_checkpoint
     from surgeon.preprocessing import Preprocessing
 
@@ -471,6 +480,10 @@ def _export(seed: int, gm, applied, size: int, classes: int, tmp_path) -> bool:
     ckpt = save_checkpoint(tmp_path / f"grown{seed}.pt", Checkpoint(
         model=f"tests.grow.test_property:net_{seed}", weights="none", recipe=applied,
         classes=[f"c{i}" for i in range(classes)], preprocessing=pre, state_dict=gm.state_dict()))
+    rebuilt = load_model(ckpt, trust_code=True)  # the recipe replayed on the architecture + the state dict
+    x = _images(3, size, seed + 3)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), gm(x), rtol=1e-5, atol=1e-6)
     # The export collects garbage after every graph pass; with torch's compiler loaded each full
     # collection walks a large heap (~0.4 s here). Freezing what exists now keeps them to the export's
     # own objects: the same path, several times faster.
@@ -645,6 +658,18 @@ def test_regression_head_must_feed_the_model_output(layer, match):
 
 def test_regression_head_feeding_a_concat_is_refused():
     _refused(_Blocks(), [HeadStep(classes=3, layer="block.a")], 8, "its output feeds a concat")
+
+
+@pytest.mark.parametrize("kwargs", [{"gamma_init": float("inf")}, {"gamma_init": "inf"}, {"gamma_init": "-inf"},
+                                    {"eps": float("inf")}, {"eps": float("nan")}])
+def test_regression_infinite_gamma_or_eps_is_refused(kwargs):
+    """seeds 540, 773, ...: ``gamma_init=inf`` passed ``not v > 0`` and grew a model whose outputs are inf/nan."""
+    with pytest.raises(SurgeonError) as info:
+        GrowStep("wide", "fc", 2, **kwargs)
+    assert "positive finite number" in _check_message(info.value, str(kwargs))
+    from surgeon.grow.recipe import step_from_dict  # a recipe file's JSON may say Infinity too
+    with pytest.raises(SurgeonError):
+        step_from_dict({"op": "grow", "kind": "wide", "layer": "fc", "units": 2, **kwargs})
 
 
 def test_a_block_name_is_no_layer():
