@@ -6,6 +6,8 @@ import click
 
 from surgeon.commands.common import CONTEXT, friendly_errors
 
+MAX_IMAGE_PIXELS = 64_000_000  # = surgeon.runtime.serve.MAX_IMAGE_PIXELS (not imported: --help needs no numpy)
+
 _BACKEND = click.Choice(["auto", "ort-cpu", "ort-cuda", "ort-trt", "trt", "torch"])
 
 
@@ -21,14 +23,19 @@ _BACKEND = click.Choice(["auto", "ort-cpu", "ort-cuda", "ort-trt", "trt", "torch
 @click.option("--name", default=None, help="Model name [default: MODEL's file name without suffix].")
 @click.option("--max-image-bytes", type=int, default=16 << 20, show_default=True,
               help="Largest encoded image the NAME_image model accepts (larger: HTTP 400).")
+@click.option("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, show_default=True,
+              help="Largest decoded image (width x height) the NAME_image model decodes (larger: HTTP 400).")
 @click.option("--trust-code", is_flag=True, help="Allow importing the user code a grown.pt was grown from.")
 @friendly_errors
 def serve(model: str, host: str, port: int, max_batch: int, max_queue_delay_us: int, backend: str, name: str | None,
-          max_image_bytes: int, trust_code: bool) -> None:
+          max_image_bytes: int, max_image_pixels: int, trust_code: bool) -> None:
     """Serve MODEL (.onnx, .engine/.plan or grown.pt) on Triton Inference Server with dynamic batching:
     model NAME takes preprocessed FP32 tensors `images` [3,S,S] and returns `logits`; model NAME_image
     takes encoded image files (BYTES `image` [1]) and returns `logits`, `label` and `score`. Health:
-    /v2/health/ready; metrics on PORT+2. Needs the `serve` extra: pip install 'surgeon[serve]'.
+    /v2/health/ready (200 once both models are ready); metrics on PORT+2. An HTTP request body over
+    its model's limit (from --max-batch and the input size; printed at start) gets 413 unread.
+    Exits 1 if Triton dies, so a supervisor can restart it. Needs the `serve` extra:
+    pip install 'surgeon[serve]'.
 
     \b
     Example:
@@ -38,5 +45,5 @@ def serve(model: str, host: str, port: int, max_batch: int, max_queue_delay_us: 
     from surgeon.runtime.serve import serve as run_serve
 
     run_serve(model, host=host, port=port, max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
-              backend=backend, name=name, max_image_bytes=max_image_bytes, trust_code=trust_code,
-              on_ready=lambda msg: click.echo(msg, err=True))
+              backend=backend, name=name, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
+              trust_code=trust_code, on_ready=lambda line: click.echo(f"surgeon serve: {line}", err=True))

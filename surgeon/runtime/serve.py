@@ -1,7 +1,7 @@
 """``surgeon serve``: any surgeon artifact behind Triton Inference Server, through PyTriton.
 
 Two models are bound (KServe v2 over HTTP on ``port``, gRPC on ``port + 1``, Prometheus metrics on
-``port + 2``; health at ``/v2/health/ready``):
+``port + 2``; health at ``/v2/health/ready``, 200 only once every model is ready):
 
 ``NAME``         input ``images`` FP32 ``[3, S, S]`` (preprocessed, as ``Session.preprocess`` makes them)
                  -> output ``logits`` FP32 ``[classes]``
@@ -22,6 +22,13 @@ Triton's Python backend gets a five-line patch (:func:`_patch_proxy_source`) tha
 carrying it into ``InferenceResponse(error=TritonError(msg, TritonError.INVALID_ARG))``: HTTP 400 /
 gRPC INVALID_ARGUMENT for that request only. If the installed PyTriton's proxy does not have the
 code the patch expects, ``serve`` refuses to start rather than serve without it.
+
+HTTP reaches Triton only through :mod:`surgeon.runtime.serve_proxy` (Triton's own HTTP server listens
+on a loopback port behind it): a body over its model's limit (:func:`request_limits`, from
+``max_batch`` and the input size) gets 413 before it is read, and the one request that crashes this
+Triton (a form-urlencoded body of about 4 MiB, see that module) never reaches it as such. If Triton
+dies anyway, :func:`serve` raises :class:`SurgeonError` (``surgeon serve`` exits 1 with one line) so
+that a supervisor restarts it.
 
 The Python backend stub loads ``libpython``: ``serve`` puts ``sysconfig.get_config_var("LIBDIR")``
 on ``LD_LIBRARY_PATH`` (in ``os.environ``, inherited by ``tritonserver``) before starting Triton.
@@ -45,10 +52,13 @@ from typing import Any
 import numpy as np
 
 from surgeon.errors import SurgeonError
+from surgeon.runtime.serve_proxy import Limits, Proxy, ProxyThread
 
 LOG = logging.getLogger("surgeon.serve")
 ERROR_OUTPUT = "surgeon_error"
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: a larger image is refused before decoding
+JSON_BYTES_PER_VALUE = 32  # one FP32 value as KServe JSON text ("-0.0012345678901234567, ") with room to spare
+REQUEST_OVERHEAD = 64 << 10  # what surrounds the data in a request: names, datatype, shape, parameters
 
 _PATCH_ANCHOR = ("def _wrap_response(response: Response, requested_outputs_names, model_outputs_dict):\n"
                  "    if response.data is not None:\n")
@@ -118,6 +128,44 @@ def free_base_port() -> int:
     raise RuntimeError("no three consecutive free ports")
 
 
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request_limits(name: str, input_shape: tuple[int, ...], max_batch: int, max_image_bytes: int) -> Limits:
+    """The largest HTTP request body each model accepts: a full batch of its input as JSON text (the
+    binary tensor extension needs 4 bytes a value, less), or of images each up to ``max_image_bytes``."""
+    values = max_batch * int(np.prod(input_shape))
+    return Limits({name: values * JSON_BYTES_PER_VALUE + REQUEST_OVERHEAD,
+                   f"{name}_image": max_batch * (max_image_bytes + 4) + REQUEST_OVERHEAD})
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "its exit code is unknown"
+    if code < 0 or code > 128:
+        sig = -code if code < 0 else code - 128
+        try:
+            return f"killed by signal {sig}, {signal.Signals(sig).name}"
+        except ValueError:
+            return f"killed by signal {sig}"
+    return f"exit code {code}"
+
+
+def _tritonserver_exit_code(triton: Any) -> int | None:
+    """The dead tritonserver's exit code (negative: killed by that signal), where PyTriton has it. PyTriton
+    keeps it to itself (its exit callbacks skip one registered after its own), so it is read from the
+    ``sh`` command it ran; None if this PyTriton keeps it elsewhere."""
+    cmd = getattr(getattr(triton, "_triton_server", None), "_tritonserver_running_cmd", None)
+    try:
+        code = cmd.process.exit_code if cmd is not None else None
+    except Exception:  # noqa: BLE001 - only a better message is lost
+        return None
+    return code if isinstance(code, int) else None
+
+
 def model_name_for(path: str | os.PathLike[str]) -> str:
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", os.path.splitext(os.path.basename(os.fspath(path)))[0]).strip("_")
     return stem or "surgeon"
@@ -137,6 +185,7 @@ class Handlers:
 
     session: Any
     max_image_bytes: int
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def infer_tensors(self, requests: list) -> list[dict[str, np.ndarray]]:
         arrays = [np.asarray(r["images"], dtype=np.float32) for r in requests]  # Triton checked dtype and shape
@@ -157,8 +206,9 @@ class Handlers:
             raise BadRequest(f"image of {len(data)} bytes is over the limit of {self.max_image_bytes} bytes")
         try:
             with Image.open(io.BytesIO(data)) as im:
-                if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise BadRequest(f"image of {im.width}x{im.height} pixels is over the limit of {MAX_IMAGE_PIXELS}")
+                if im.width * im.height > self.max_image_pixels:
+                    raise BadRequest(f"image of {im.width}x{im.height} pixels is over the limit of "
+                                     f"{self.max_image_pixels}")
                 rgb = im.convert("RGB")
         except BadRequest:
             raise
@@ -203,9 +253,11 @@ def _libpython_on_ld_path() -> None:
 
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32, max_queue_delay_us: int = 500,
-          backend: str = "auto", name: str | None = None, max_image_bytes: int = 16 << 20, trust_code: bool = False,
+          backend: str = "auto", name: str | None = None, max_image_bytes: int = 16 << 20,
+          max_image_pixels: int = MAX_IMAGE_PIXELS, trust_code: bool = False,
           on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve MODEL until SIGINT/SIGTERM (or until Triton dies); returns after a clean stop."""
+    """Serve MODEL until SIGINT/SIGTERM; returns after a clean stop, raises SurgeonError if Triton dies.
+    ``on_ready`` gets the start-up lines (what is served where), one call each."""
     if not 1 <= port <= 65533:
         raise SurgeonError(f"--port must be in 1..65533 (gRPC takes port+1, metrics port+2), got {port}")
     if max_batch < 1:
@@ -214,6 +266,9 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: i
         raise SurgeonError(f"--max-queue-delay-us must not be negative, got {max_queue_delay_us}")
     if max_image_bytes < 1:
         raise SurgeonError(f"--max-image-bytes must be positive, got {max_image_bytes}")
+    if max_image_pixels < 1:
+        raise SurgeonError(f"--max-image-pixels must be positive, got {max_image_pixels}")
+    named = name is not None
     name = name or model_name_for(model)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
         raise SurgeonError(f"--name must be letters, digits, '_' and '-', got {name!r}")
@@ -232,31 +287,52 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: i
     if art.kind == "engine" and max_batch > art.max_batch:
         raise SurgeonError(f"--max-batch {max_batch} is over the engine's largest batch {art.max_batch}")
     classes = len(art.classes) or int(session.run(np.zeros((1, *art.input_shape), np.float32)).shape[1])
-    handlers = Handlers(session, max_image_bytes)
+    handlers = Handlers(session, max_image_bytes, max_image_pixels)
+    image_name = f"{name}_image"
+    limits = request_limits(name, tuple(art.input_shape), max_batch, max_image_bytes)
 
     _install_proxy_patch()
     _libpython_on_ld_path()
-    config = TritonConfig(http_address=host, http_port=port, grpc_address=host, grpc_port=port + 1,
+    triton_http = _free_loopback_port()  # Triton's own HTTP front end: loopback only, behind the proxy
+    config = TritonConfig(http_address="127.0.0.1", http_port=triton_http, grpc_address=host, grpc_port=port + 1,
                           metrics_address=host, metrics_port=port + 2, allow_metrics=True, allow_gpu_metrics=False,
                           exit_on_error=True)
     model_config = ModelConfig(max_batch_size=max_batch,
                                batcher=DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us))
+    proxy = Proxy(triton_http, limits, [name, image_name])
+    front = ProxyThread(host, port, proxy)
+    base = f"http://{host}:{port}"
+    lines = [
+        f"serving {art.path.name} ({session.backend}) on {base}, gRPC {host}:{port + 1}, metrics "
+        f"http://{host}:{port + 2}/metrics (Triton's own HTTP on 127.0.0.1:{triton_http}); Ctrl+C or SIGTERM stops",
+        f"model {name!r}: FP32 images {list(art.input_shape)} -> logits [{classes}]: "
+        f"POST {base}/v2/models/{name}/infer "
+        f"(bodies up to {limits.per_model[name]} bytes)",
+        f"model {image_name!r}: encoded image BYTES [1] -> logits, label, score: "
+        f"POST {base}/v2/models/{image_name}/infer "
+        f"(bodies up to {limits.per_model[image_name]} bytes)",
+        f"ready when both models are: GET {base}/v2/health/ready",
+    ]
+    if not named:
+        lines.append(f"the model names come from the file name {os.path.basename(os.fspath(model))!r}; --name sets "
+                     f"another")
 
     stop = threading.Event()
 
-    def _on_sigterm(signum, frame):  # Triton.serve() exits its loop on KeyboardInterrupt and stops cleanly
+    def _on_signal(signum, frame):  # Triton.serve() exits its loop on KeyboardInterrupt and stops cleanly
         if not stop.is_set():
             stop.set()
             raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        front.start()
         with Triton(config=config) as triton:
             triton.bind(model_name=name, infer_func=handlers.infer_tensors,
                         inputs=[Tensor(name="images", dtype=np.float32, shape=art.input_shape)],
                         outputs=[Tensor(name="logits", dtype=np.float32, shape=(classes,))],
                         config=model_config, strict=False)
-            triton.bind(model_name=f"{name}_image", infer_func=handlers.infer_images,
+            triton.bind(model_name=image_name, infer_func=handlers.infer_images,
                         inputs=[Tensor(name="image", dtype=np.bytes_, shape=(1,))],
                         outputs=[Tensor(name="logits", dtype=np.float32, shape=(classes,)),
                                  Tensor(name="label", dtype=np.bytes_, shape=(1,)),
@@ -264,12 +340,17 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: i
                                  Tensor(name=ERROR_OUTPUT, dtype=np.bytes_, shape=(1,))],
                         config=model_config, strict=False)
             triton.run()
-            if on_ready:
-                on_ready(f"serving {art.path.name} ({session.backend}) as models {name!r} (images FP32 "
-                         f"{list(art.input_shape)}) and {name + '_image'!r} (image BYTES) on http://{host}:{port} "
-                         f"(gRPC {port + 1}, metrics {port + 2}); Ctrl+C or SIGTERM stops")
-            triton.serve()
+            for line in lines if on_ready else ():
+                on_ready(line)
+            proxy.started.set()
+            triton.serve()  # returns on a signal, or when tritonserver or a model's backend stub has died
+            if not stop.is_set():
+                raise SurgeonError(f"Triton Inference Server stopped unexpectedly "
+                                   f"({_exit_reason(_tritonserver_exit_code(triton))}; its log is above): surgeon "
+                                   f"serve exits so that a supervisor restarts it")
     except KeyboardInterrupt:
         pass  # a signal during start-up: the context manager has stopped Triton already
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        front.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
