@@ -52,7 +52,9 @@ USER 10001:10001
 WORKDIR /home/surgeon
 
 EXPOSE 8000 8001 8002
-# Triton's readiness endpoint (surgeon serve on the default port; --host 0.0.0.0 in a container).
+# surgeon serve's readiness (default port; --host 0.0.0.0 in a container): 200 only once every served
+# model is ready (Triton's own answered 200 while they were still loading). A Triton that dies ends
+# surgeon serve with exit 1, so `docker run --restart` (or the orchestrator) restarts the container.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python3", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=4).status == 200 else 1)"]
 

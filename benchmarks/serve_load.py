@@ -8,7 +8,13 @@ Model: DigitNet with fc6 (``classifier.0``) widened by 16 units, 4 classes, 32x3
 weights, exported to ONNX (ONNX Runtime on the CPU), unless ``--model`` names another artifact.
 Client and server share this machine's cores, so the ratios are what one box sees, not the network.
 
+``--proxy-ab``: what surgeon serve's HTTP front end (the size-bounding proxy) costs. One server
+(``--max-batch 32``, delay 0), and rounds alternating, in turn order A-B then B-A, between its public
+port (through the proxy) and Triton's own loopback HTTP port behind it (read from the start-up line);
+medians over the rounds, and the median of the per-round B/A ratios.
+
     python benchmarks/serve_load.py [--requests 300] [--model model.onnx] [--json out.json]
+    python benchmarks/serve_load.py --proxy-ab [--rounds 7] [--requests 200]
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -137,17 +144,77 @@ def serve_rows(model: Path, label: str, max_batch: int, delay: int, log, log_pat
     return rows
 
 
+def start_server(model: Path, max_batch: int, delay: int, log, log_path: Path) -> tuple[subprocess.Popen, int]:
+    port = free_base_port()
+    cmd = [sys.executable, "-m", "surgeon", "serve", str(model), "--port", str(port), "--name", "m",
+           "--max-batch", str(max_batch), "--max-queue-delay-us", str(delay), "--backend", "ort-cpu"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    while not ready(port, "m") or "ready when" not in log_path.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"surgeon serve did not start:\n{log_path.read_text()[-2000:]}")
+        time.sleep(0.5)
+    return proc, port
+
+
+def proxy_ab(model: Path, x: np.ndarray, rounds: int, requests: int, tmp: Path) -> list[dict]:
+    """Through surgeon serve's front end (A) and straight to Triton's own HTTP port (B), interleaved."""
+    log_path = tmp / "serve-ab.log"
+    with log_path.open("wb") as log:
+        proc, port = start_server(model, 32, 0, log, log_path)
+        try:
+            triton = int(re.search(r"Triton's own HTTP on 127\.0\.0\.1:(\d+)", log_path.read_text()).group(1))
+            calls = {"A proxy": http_call(port, "m", x), "B direct": http_call(triton, "m", x)}
+            got: dict[tuple[str, int], list[dict]] = {(k, c): [] for k in calls for c in CONCURRENCY}
+            for c in CONCURRENCY:
+                for call in calls.values():
+                    load(call, c, 20)  # warm-up
+            for r in range(rounds):
+                order = list(calls) if r % 2 == 0 else list(calls)[::-1]
+                for c in CONCURRENCY:
+                    for k in order:
+                        got[k, c].append(load(calls[k], c, requests))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    rows = []
+    for c in CONCURRENCY:
+        a, b = got["A proxy", c], got["B direct", c]
+        ratio = float(np.median([ra["throughput"] / rb["throughput"] for ra, rb in zip(a, b)]))
+        for k, runs in (("A proxy", a), ("B direct", b)):
+            rows.append({"setting": f"{k}, c={c}", "concurrency": c, "rounds": rounds, "requests": requests,
+                         "errors": sum(r["errors"] for r in runs),
+                         "throughput": float(np.median([r["throughput"] for r in runs])),
+                         "p50_ms": float(np.median([r["p50_ms"] for r in runs])),
+                         "p99_ms": float(np.median([r["p99_ms"] for r in runs])),
+                         **({"throughput_a_over_b": ratio} if k == "A proxy" else {})})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=300, help="Requests per cell.")
     ap.add_argument("--model", default=None, help="An artifact to serve [default: the grown DigitNet, exported].")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--proxy-ab", action="store_true", help="Measure the HTTP front end's cost (see above).")
+    ap.add_argument("--rounds", type=int, default=7, help="A/B rounds for --proxy-ab.")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else grown_onnx(Path(tmp))
         session = Session(model, "ort-cpu")
         x = np.random.default_rng(0).standard_normal((1, *session.artifact.input_shape)).astype(np.float32)
+        if args.proxy_ab:
+            rows = proxy_ab(model, x, args.rounds, args.requests, Path(tmp))
+            print(f"{'setting':<20} {'rounds':>6} {'err':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'A/B req/s':>10}")
+            for r in rows:
+                ratio = f"{r['throughput_a_over_b']:>10.3f}" if "throughput_a_over_b" in r else ""
+                print(f"{r['setting']:<20} {r['rounds']:>6} {r['errors']:>4} {r['throughput']:>9.1f} "
+                      f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {ratio}")
+            if args.json:
+                Path(args.json).write_text(json.dumps({"mode": "proxy-ab", "rows": rows}, indent=2))
+            return
         direct = {}
         for c in CONCURRENCY:
             load(lambda s: session.run(x), c, 20)  # warm-up
