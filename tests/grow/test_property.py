@@ -514,7 +514,7 @@ def _known_export_bug(gm, exc: Exception) -> bool:
 # The tests
 
 BLOCKS, PER_BLOCK = 6, 50   # 300 cases in CI
-EXPORTS_PER_BLOCK = 1       # the first case of each block that grows goes through ONNX (the slow part)
+EXPORTS_PER_BLOCK = 2       # the first two cases of each block that grow go through ONNX (the slow part)
 
 
 @pytest.fixture(autouse=True)
