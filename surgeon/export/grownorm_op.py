@@ -4,10 +4,13 @@
   custom op that ``torch.export`` keeps as one node; ``GrowNorm`` calls it only while exporting
   (training keeps the differentiable composite).
 - The ONNX exporter translates it to a ``GrowNorm`` node in domain ``surgeon`` with attributes
-  ``groups``, ``eps``, ``plugin_namespace="surgeon"``, ``plugin_version="1"``.
+  ``groups``, ``eps``, ``plugin_namespace="surgeon"``, ``plugin_version="1"``, and ``axis`` (the
+  channel axis, 1 or -1) only where it is not 1: a node without it means axis 1, so files written
+  before ``axis`` existed keep their meaning, and axis-1 nodes are written exactly as before.
 - :func:`grownorm_function` is the local ONNX function ``surgeon.GrowNorm``: the same computation in
-  standard ops, reading ``groups`` and ``eps`` through attribute references, so one function serves
-  every node whatever its split and rank. ONNX Runtime runs it; TensorRT's parser uses it when the
+  standard ops, reading ``groups``, ``eps`` and ``axis`` through attribute references (``axis``
+  with a default of 1 in the function's ``attribute_proto``), so one function serves every node
+  whatever its split, rank and axis. ONNX Runtime runs it; TensorRT's parser uses it when the
   ``GrowNorm`` plugin is not registered.
 """
 
@@ -35,13 +38,17 @@ def registered_schema() -> Iterator[None]:
     A = OpSchema.AttrType
     schema = OpSchema(
         OP_TYPE, DOMAIN, 1,
-        doc="Grouped L2 normalization over dim 1 with a per-channel scale (surgeon).",
+        doc="Grouped L2 normalization over the channel axis (1 or -1) with a per-channel scale (surgeon).",
         inputs=[OpSchema.FormalParameter("X", "T"), OpSchema.FormalParameter("gamma", "T")],
         outputs=[OpSchema.FormalParameter("Y", "T")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"], "float tensors")],
         attributes=[
             OpSchema.Attribute("groups", A.INTS, "channels per group, summing to C"),
             OpSchema.Attribute("eps", A.FLOAT, "lower bound of each group's norm"),
+            # optional without a schema default: the exporter would write a default into every node,
+            # and axis-1 nodes must stay as files written before axis existed (absent = 1)
+            OpSchema.Attribute("axis", A.INT, "channel axis: 1 ([N, C, ...], also when absent) or -1 ([N, ..., C])",
+                               required=False),
             OpSchema.Attribute("plugin_namespace", A.STRING, "TensorRT plugin namespace"),
             OpSchema.Attribute("plugin_version", A.STRING, "TensorRT plugin version"),
         ],
@@ -53,21 +60,30 @@ def registered_schema() -> Iterator[None]:
         onnx.defs.deregister_schema(OP_TYPE, 1, DOMAIN)
 
 
-def onnx_translation(x, gamma, groups, eps):
+def onnx_translation(x, gamma, groups, eps, axis=1):
     """``custom_translation_table`` entry for ``torch.ops.surgeon.grow_norm``."""
     import onnxscript
 
     opset = onnxscript.values.Opset(DOMAIN, 1)
+    # axis only where it is not 1: axis-1 nodes stay exactly as files written before axis existed.
+    extra = {} if int(axis) == 1 else {"axis": int(axis)}
     return opset.GrowNorm(x, gamma, groups=list(groups), eps=float(eps),
-                          plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION)
+                          plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION, **extra)
 
 
 def grownorm_function() -> onnx.FunctionProto:
-    """``surgeon.GrowNorm(X, gamma)`` in opset-18 ops, for any rank ≥ 2 and any split.
+    """``surgeon.GrowNorm(X, gamma)`` in opset-18 ops, for any rank ≥ 2, any split and channel axis.
 
-    Membership matrix M[c, g] = (start_g <= c < end_g) from the ``groups`` attribute; then
-    S = Σ_c X²·M (per sample, position and group), Y = X · (M · max(S, eps²)^-½) · γ.
-    Reductions run in the input's type; fp16 graphs cast to fp32 around the node (see passes).
+    ``Flatten(X, axis=<ref axis>)`` gives ``[P, C·S]`` for either axis (axis 1: P = N, S = the
+    spatial size; axis -1: P = N·…, S = 1), reshaped to ``[P, C, S]``. Flatten's own default axis
+    is 1, so a node without ``axis`` means axis 1 even where a consumer ignores the function's
+    declared default (onnx's inliner does). With M[c, g] = (start_g <= c < end_g) from ``groups``:
+    S_g = ReduceSum_c(X²[P, C, 1, S] · M[C, G, 1]) → ``[P, G, S]``, and Y = X · Gather_1(max(S,
+    eps²)^-½, group_of_channel) · γ. Each group sum adds exact zeros for the other groups' channels,
+    so a tiny new group beside a large old one loses nothing (no difference of running sums, no
+    matrix multiply that a GPU builder may run in TF32); Gather copies each group's scale to its
+    channels without arithmetic. Reductions run in the input's type; fp16 graphs cast to fp32
+    around the node (see passes).
     """
     def node(op: str, inputs: list[str], outputs: list[str], **attrs) -> onnx.NodeProto:
         # Inner names are prefixed so they never clash with graph node names (TensorRT warns on duplicates).
@@ -78,38 +94,70 @@ def grownorm_function() -> onnx.FunctionProto:
         a.name, a.ref_attr_name, a.type = name, attr, typ
         return a
 
+    def int64(name: str, values: list[int]) -> onnx.NodeProto:
+        dims = [] if name in ("zero", "one") else [len(values)]  # scalars for CumSum/Range, 1-D axes otherwise
+        return node("Constant", [], [name], value=helper.make_tensor(name, onnx.TensorProto.INT64, dims, values))
+
     sizes = node("Constant", [], ["sizes"])
     sizes.attribute.append(ref("value_ints", "groups", onnx.AttributeProto.INTS))
     eps = node("Constant", [], ["eps_f"])
     eps.attribute.append(ref("value_float", "eps", onnx.AttributeProto.FLOAT))
+    flat = node("Flatten", ["X"], ["x_flat"])
+    flat.attribute.append(ref("axis", "axis", onnx.AttributeProto.INT))
     nodes = [
+        int64("zero", [0]),
+        int64("one", [1]),
+        int64("i0", [0]),
+        int64("i1", [1]),
+        int64("i2", [2]),
+        # group sizes → total C, membership M[c, g], each channel's group index (exact integers)
         sizes,
-        node("Constant", [], ["zero"], value=helper.make_tensor("zero", onnx.TensorProto.INT64, [], [0])),
-        node("Constant", [], ["one"], value=helper.make_tensor("one", onnx.TensorProto.INT64, [], [1])),
-        node("Constant", [], ["axis1"], value=helper.make_tensor("axis1", onnx.TensorProto.INT64, [1], [1])),
         node("CumSum", ["sizes", "zero"], ["ends"]),
         node("Sub", ["ends", "sizes"], ["starts"]),
         node("ReduceSum", ["sizes"], ["total"], keepdims=0),
+        node("Unsqueeze", ["total", "i0"], ["total_1d"]),
         node("Range", ["zero", "total", "one"], ["channel"]),
-        node("Unsqueeze", ["channel", "axis1"], ["channel_col"]),               # [C, 1]
-        node("GreaterOrEqual", ["channel_col", "starts"], ["after_start"]),     # [C, G]
+        node("Unsqueeze", ["channel", "i1"], ["channel_col"]),                   # [C, 1]
+        node("GreaterOrEqual", ["channel_col", "starts"], ["after_start"]),      # [C, G]
         node("Less", ["channel_col", "ends"], ["before_end"]),
         node("And", ["after_start", "before_end"], ["member_b"]),
         node("CastLike", ["member_b", "X"], ["member"]),
+        node("Unsqueeze", ["member", "i2"], ["member_3d"]),                      # [C, G, 1]
+        node("GreaterOrEqual", ["channel_col", "ends"], ["past_end_b"]),         # groups ending at or before c
+        node("Cast", ["past_end_b"], ["past_end"], to=onnx.TensorProto.INT64),
+        node("ReduceSum", ["past_end", "i1"], ["group_of_channel"], keepdims=0),    # [C]
+        # X as [P, C, S], whichever axis holds the channels
+        flat,                                                                    # [P, C*S]
+        node("Shape", ["x_flat"], ["flat_shape"]),
+        node("Slice", ["flat_shape", "i0", "i1"], ["rows_1d"]),
+        node("Slice", ["flat_shape", "i1", "i2"], ["cols_1d"]),
+        node("Div", ["cols_1d", "total_1d"], ["positions_1d"]),
+        node("Concat", ["rows_1d", "total_1d", "positions_1d"], ["shape_3d"], axis=0),
+        node("Reshape", ["x_flat", "shape_3d"], ["x3"]),                         # [P, C, S]
+        # per group and position: 1 / max(‖x_g‖, eps)
         eps,
         node("CastLike", ["eps_f", "X"], ["eps_x"]),
         node("Mul", ["eps_x", "eps_x"], ["eps_sq"]),
-        node("Mul", ["X", "X"], ["x_sq"]),
-        node("Einsum", ["x_sq", "member"], ["group_sq"], equation="nc...,cg->ng..."),
+        node("Mul", ["x3", "x3"], ["x_sq"]),
+        node("Unsqueeze", ["x_sq", "i2"], ["x_sq_4d"]),                          # [P, C, 1, S]
+        node("Mul", ["x_sq_4d", "member_3d"], ["x_sq_groups"]),                  # [P, C, G, S]
+        node("ReduceSum", ["x_sq_groups", "i1"], ["group_sq"], keepdims=0),      # [P, G, S]
         node("Max", ["group_sq", "eps_sq"], ["group_sq_safe"]),
         node("Sqrt", ["group_sq_safe"], ["group_norm"]),
         node("Reciprocal", ["group_norm"], ["group_inv"]),
-        node("Einsum", ["group_inv", "member"], ["channel_inv"], equation="ng...,cg->nc..."),
-        node("Mul", ["X", "channel_inv"], ["x_hat"]),
-        node("Einsum", ["x_hat", "gamma"], ["Y"], equation="nc...,c->nc..."),
+        node("Gather", ["group_inv", "group_of_channel"], ["channel_inv"], axis=1),  # [P, C, S]
+        node("Mul", ["x3", "channel_inv"], ["x_hat"]),
+        node("Unsqueeze", ["gamma", "i1"], ["gamma_col"]),                       # [C, 1]
+        node("Mul", ["x_hat", "gamma_col"], ["y3"]),
+        node("Shape", ["X"], ["x_shape"]),
+        node("Reshape", ["y3", "x_shape"], ["Y"]),
     ]
-    return helper.make_function(
+    fn = helper.make_function(
         DOMAIN, OP_TYPE, ["X", "gamma"], ["Y"], nodes,
         opset_imports=[helper.make_opsetid("", FUNCTION_OPSET)],
         attributes=["groups", "eps", "plugin_namespace", "plugin_version"],
     )
+    # axis is optional with default 1 (a node without it is an axis-1 node), declared the ONNX way;
+    # the body does not depend on consumers applying it (see Flatten above).
+    fn.attribute_proto.append(helper.make_attribute("axis", 1))
+    return fn

@@ -218,3 +218,101 @@ def test_symbolic_trace_functional():
 def test_non_positive_eps_is_refused(eps):
     with pytest.raises(ValueError, match="eps"):
         GrowNorm((2, 3), eps=eps)
+
+
+# -- the channel axis (DESIGN.md §2): 1 for [N, C, ...], -1 for [N, ..., C] ------------------------
+
+AXIS_SHAPES = {2: (4, None), 3: (2, 5, None), 4: (2, 3, 2, None)}
+
+
+def reference_axis(x: torch.Tensor, groups, gamma=None, eps: float = DEFAULT_EPS, axis: int = 1) -> np.ndarray:
+    """float64 numpy GrowNorm over ``axis``: the dim-1 reference with the channels moved there."""
+    moved = torch.movedim(x.detach(), axis, 1)
+    return np.moveaxis(reference(moved, groups, gamma, eps), 1, axis)
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4])
+@pytest.mark.parametrize("groups", [(7,), (4, 3), (2, 3, 2)], ids=["C", "Co+Cn", "3groups"])
+@pytest.mark.parametrize("with_gamma", [False, True])
+def test_last_axis_matches_reference(rank, groups, with_gamma):
+    torch.manual_seed(rank * 10 + len(groups))
+    shape = tuple(sum(groups) if d is None else d for d in AXIS_SHAPES[rank])
+    x = torch.randn(shape) * 3
+    x[0, ..., : groups[0]] = 0  # an all-zero group in one sample
+    gamma = torch.rand(sum(groups)) * 10 + 0.5 if with_gamma else None
+    want = reference_axis(x, groups, gamma, axis=-1)
+    y = grow_norm(x, groups, gamma, axis=-1)
+    assert y.shape == x.shape
+    np.testing.assert_allclose(y.double().numpy(), want, rtol=1e-6, atol=1e-7)
+    mod = GrowNorm(groups, scale=with_gamma, gamma_init=1.0, axis=-1)
+    if with_gamma:
+        with torch.no_grad():
+            mod.gamma.copy_(gamma)
+    np.testing.assert_allclose(mod(x).detach().double().numpy(), want, rtol=1e-6, atol=1e-7)
+    # the same numbers as axis 1 on the channels-first copy
+    first = torch.movedim(x, -1, 1)
+    torch.testing.assert_close(torch.movedim(grow_norm(first, groups, gamma, axis=1), 1, -1), y, rtol=1e-6, atol=1e-7)
+
+
+def test_last_axis_float64_gradcheck_and_half_inputs():
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 7, dtype=torch.float64)
+    x[1, 0, 3:5] = 0.0
+    x.requires_grad_(True)
+    gamma = (torch.rand(7, dtype=torch.float64) + 0.5).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, g: grow_norm(a, (3, 2, 2), g, eps=1e-3, axis=-1), (x, gamma))
+    for dtype, tol in ((torch.float16, 1e-2), (torch.bfloat16, 3e-2)):
+        big = (torch.randn(3, 4, 40) * 1000).to(dtype)  # squares overflow fp16: the reduction runs in fp32
+        y = grow_norm(big, (30, 10), torch.full((40,), 3.0), axis=-1)
+        assert y.dtype == dtype and torch.isfinite(y).all()
+        np.testing.assert_allclose(y.double().numpy(), reference_axis(big, (30, 10), torch.full((40,), 3.0), axis=-1),
+                                   rtol=tol, atol=tol)
+
+
+def test_axis_errors_are_one_line():
+    for bad in (0, 2, -2, 1.0, True, "1"):
+        with pytest.raises(ValueError, match="axis must be 1") as info:
+            GrowNorm((2, 3), axis=bad)
+        assert "\n" not in str(info.value)
+        with pytest.raises(ValueError, match="axis must be 1"):
+            grow_norm(torch.randn(2, 5), (2, 3), axis=bad)
+    with pytest.raises(ValueError, match=r"sum to 5 but the input has 4 channels \(axis -1\)"):
+        grow_norm(torch.randn(2, 5, 4), (2, 3), axis=-1)
+    with pytest.raises(ValueError, match=r"rank >= 2 \(\[N, \.\.\., C\]\)"):
+        grow_norm(torch.randn(5), (5,), axis=-1)
+
+
+def test_axis_attribute_repr_state_and_custom_op():
+    m = GrowNorm((3, 4), gamma_init=2.0, axis=-1)
+    assert m.axis == -1 and "axis=-1" in repr(m) and "axis=1" in repr(GrowNorm((3, 4)))
+    # axis is not state: the state dict is what it was, and a module rebuilt with the same axis
+    # (as a recipe replay does) loads it and computes the same thing
+    assert list(m.state_dict()) == ["gamma"]
+    with torch.no_grad():
+        m.gamma.uniform_(0.5, 3.0)
+    rebuilt = GrowNorm((3, 4), axis=-1)
+    rebuilt.load_state_dict(m.state_dict())
+    x = torch.randn(2, 5, 7)
+    torch.testing.assert_close(rebuilt(x), m(x))
+    # the opaque op export sees carries the axis and defaults to 1
+    g = m.gamma.detach()
+    torch.testing.assert_close(torch.ops.surgeon.grow_norm(x, g, [3, 4], 1e-6, -1), grow_norm(x, (3, 4), g, axis=-1))
+    x1 = torch.randn(2, 7, 5)
+    torch.testing.assert_close(torch.ops.surgeon.grow_norm(x1, g, [3, 4], 1e-6), grow_norm(x1, (3, 4), g))
+
+
+def test_fx_keeps_the_axis():
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+            self.norm = GrowNorm((4, 2), gamma_init=3.0, axis=-1)
+            self.gamma = nn.Parameter(torch.full((6,), 2.0))
+
+        def forward(self, x):
+            return self.norm(self.fc(x)) + grow_norm(self.fc(x), (3, 3), self.gamma, axis=-1)
+
+    m = Tokens()
+    x = torch.randn(2, 5, 4)
+    for gm in (torch.fx.symbolic_trace(m), torch.fx.GraphModule(m, SurgeonTracer().trace(m))):
+        torch.testing.assert_close(gm(x), m(x))

@@ -540,3 +540,66 @@ def test_gpu_check_script_correctness_part_runs(gk, device, tmp_path):
     assert "**training failed**: RuntimeError: out of memory" in md and "Training step" not in md
     assert json.loads((out / "gpu_check.json").read_text())["checks"] == rows
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md"]  # no temp files left
+
+
+# ----------------------------------------------------------------------------------------------
+# axis -1 ([N, ..., C]): the module runs the [N, C] kernel on x viewed as [-1, C]
+
+
+def _moved_reference(x, groups, gamma, gy, eps=EPS):
+    """float64 composite over the last axis: forward and autograd backward."""
+    xd = x.detach().cpu().double().requires_grad_()
+    gd = None if gamma is None else gamma.detach().cpu().double().requires_grad_()
+    y = grow_norm(xd, groups, gd, eps, axis=-1)
+    grads = torch.autograd.grad(y, [xd] if gd is None else [xd, gd], gy.cpu().double())
+    return y.detach(), grads[0], (grads[1] if gd is not None else None)
+
+
+@pytest.mark.parametrize("shape, groups", [((3, 5, 12), (8, 4)), ((2, 3, 2, 130), (65, 65)), ((4, 7), (2, 5)),
+                                           ((2, 4, 6144), (4096, 2048))],
+                         ids=["NTC", "NHWC", "NC", "NTC-chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_last_axis_through_the_rows_kernel(gk, device, monkeypatch, shape, groups, dtype):
+    """GrowNorm(axis=-1) on the fused path (forced here: the interpreter runs CPU tensors), forward
+    and backward against float64, and the routing helper views x as [-1, C] for the [N, C] kernel."""
+    from surgeon.grow import grownorm as gn
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(shape, generator=gen).to(dtype).to(device)
+    x[0, ..., : groups[0]] = 0  # an all-zero group in some rows
+    gy = torch.randn(shape, generator=gen).to(dtype).to(device)
+    eps = EPS if dtype == torch.float32 else 1e-2  # under the clamp grad_x = gamma * gy / eps: 1e6 overflows fp16
+    module = gn.GrowNorm(groups, eps=eps, axis=-1).to(device)
+    with torch.no_grad():
+        module.gamma.uniform_(0.5, 3.0, generator=gen)
+    calls = []
+
+    def kernel(rows, *args):
+        calls.append(tuple(rows.shape))
+        return gk.grow_norm_triton(rows, *args)
+
+    monkeypatch.setattr(gn, "_runs_fused", lambda t: True)
+    monkeypatch.setattr(gn, "fused_kernel", lambda: kernel)
+    xt = x.clone().requires_grad_()
+    y = module(xt)
+    gx, gg = torch.autograd.grad(y, [xt, module.gamma], gy)
+    assert calls == [(x.numel() // shape[-1], shape[-1])]  # one launch of the [N, C] layout
+    assert y.shape == x.shape and y.dtype == dtype and gx.dtype == dtype
+    y_ref, gx_ref, gg_ref = _moved_reference(x, groups, module.gamma, gy, eps)
+    tol = TOL[dtype]
+    _assert_close(y, y_ref, tol, "y")
+    moved = torch.movedim(x, -1, 1)
+    _assert_close(gx, gx_ref, tol, "grad_x", scale=_grad_x_scale(moved, groups, module.gamma, torch.movedim(gy, -1, 1), eps))
+    _assert_close(gg, gg_ref, tol, "grad_gamma")
+
+
+def test_last_axis_noncontiguous_and_empty(gk, device):
+    from surgeon.grow.grownorm import fused_grow_norm
+
+    x = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(12)).to(device).transpose(0, 1)  # [3, 6, 4]
+    gamma = torch.rand(4, device=device) + 0.5
+    y = fused_grow_norm(gk.grow_norm_triton, x, (1, 3), gamma, EPS, axis=-1)
+    _assert_close(y, grow_norm(x.cpu().double(), (1, 3), gamma.cpu().double(), EPS, axis=-1), 1e-5, "y")
+    assert fused_grow_norm(gk.grow_norm_triton, torch.empty(0, 5, 4, device=device), (1, 3), None, EPS, -1).shape == (0, 5, 4)
+    with pytest.raises(ValueError, match="axis must be 1"):
+        fused_grow_norm(gk.grow_norm_triton, x, (1, 3), None, EPS, axis=2)

@@ -67,6 +67,66 @@ def test_eps_arrives_as_a_one_element_array():
     assert from_array == from_float
 
 
+def test_axis_is_a_v1_attribute_with_launch_dims_for_both_layouts(gk):
+    """axis -1: the kernel's [N, C] layout over N = prod(all dims but the last), S = 1."""
+    from surgeon_plugins.grownorm_trt import aot_kernel, check_axis, launch_dims, spatial_size
+
+    assert launch_dims([2, 8, 3, 4]) == (2, 12) and launch_dims([2, 8]) == (2, 1)
+    assert launch_dims([2, 5, 3, 8], -1) == (30, 1) and launch_dims([7, 8], np.array([-1], np.int32)) == (7, 1)
+    assert spatial_size((-1, 5, -1, 8), -1) == 1 and spatial_size((-1, 8, -1, 4)) is None
+    assert check_axis(np.array([1], np.int32)) == 1 and check_axis(-1) == -1
+    for bad in (0, 2, np.array([1, -1]), 1.5):
+        with pytest.raises(ValueError, match="axis must be 1 or -1"):
+            check_axis(bad)
+    for tactic in (1, 4):
+        _, ptx, cfg, info = aot_kernel((48, 16), 1e-6, "fp32", (-1, 5, 7, 64), tactic, 80, np.array([-1], np.int32))
+        assert cfg.rows and info["rows"] and "cdiv(N, BLOCK_S)" in info["grid_formula"]
+        _, _, cfg1, _ = aot_kernel((48, 16), 1e-6, "fp32", (-1, 64, 7, 5), tactic, 80)
+        assert not cfg1.rows  # the same groups over dim 1 of a 4-D input: the [N, C, S] layout
+
+
+@pytest.mark.parametrize("shape, groups", [((2, 3, 12), (8, 4)), ((2, 2, 3, 300), (200, 100))], ids=["NTC", "NHWC"])
+@pytest.mark.parametrize("tactic", [1, 4])
+def test_trt_kernel_runs_axis_minus_one_with_its_launch(gk, device, shape, groups, tactic):
+    """The TensorRT-facing kernel launched as aot_impl describes for an axis -1 input (N and S from
+    launch_dims, the grid from the tile configuration), against the float64 composite."""
+    from surgeon.grow.grownorm import grow_norm
+    from surgeon_plugins.grownorm_trt import aot_kernel, launch_dims
+
+    name, _, _, info = aot_kernel(groups, 1e-6, "fp32", (-1,) + shape[1:], tactic, 90, -1)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(shape, generator=gen).to(device)
+    gamma = (torch.rand(shape[-1], generator=gen) + 0.5).to(device)
+    y = torch.full_like(x, float("nan"))
+    n, s = launch_dims(list(shape), -1)
+    tensors = {"X": x, "GAMMA": gamma, "Y": y, "N": n, "S": s}
+    getattr(gk, name)[info["grid"](n, s)](
+        *(tensors[p] for p in info["params"]),
+        GROUPS=groups, C=sum(groups), EPS=1e-6, HAS_GAMMA=True, ROWS=info["rows"],
+        BLOCK_C=info["block_c"], BLOCK_S=info["block_s"], num_warps=info["num_warps"],
+    )
+    want = grow_norm(x.cpu().double(), groups, gamma.cpu().double(), 1e-6, axis=-1)
+    err = (y.cpu().double() - want).abs().max().item()
+    assert err <= 1e-5 * want.abs().max().item(), err
+
+
+def test_with_explicit_axis_writes_the_default_for_the_plugin_parser():
+    """The parser passes only the attributes a node has, and tensorrt.plugin has no defaults: the
+    copy parsed for the plugin carries axis=1 where the file omits it (the file is left alone)."""
+    import onnx
+
+    from surgeon_plugins.grownorm_trt import with_explicit_axis
+
+    nodes = [onnx.helper.make_node("GrowNorm", ["x", "g"], ["y"], domain="surgeon", groups=[2, 2], eps=1e-6),
+             onnx.helper.make_node("GrowNorm", ["y", "g"], ["z"], domain="surgeon", groups=[4], eps=1e-6, axis=-1),
+             onnx.helper.make_node("Relu", ["z"], ["w"])]
+    model = onnx.helper.make_model(onnx.helper.make_graph(nodes, "g", [], []))
+    out = with_explicit_axis(model)
+    axes = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}.get("axis") for n in out.graph.node]
+    assert axes == [1, -1, None]
+    assert not any(a.name == "axis" for a in model.graph.node[0].attribute)  # the input is not modified
+
+
 def test_builder_says_why_the_plugin_cannot_be_used():
     old = Toolkit("tensorrt", types.SimpleNamespace(__version__="10.3.0"), ahead_of_time=False)
     assert plugin_status(old) == (False, "TensorRT 10.3.0 cannot embed Python plugins ahead of time (10.9 or later is needed)")

@@ -53,3 +53,27 @@ def test_exported_model_builds_with_tensorrt_rtx(tmp_path, arch, size, steps, fo
     sidecar = json.loads(engine_sidecar(engine).read_text())
     assert json.loads(sidecar["metadata"]["surgeon.classes"]) == ["a", "b", "c", "d"]
     assert sidecar["build"]["engine_bytes"] == report.engine_bytes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "no-fold"])
+def test_axis_minus_one_token_model_builds_with_tensorrt_rtx(tmp_path, fold):
+    """A GrowNorm(axis=-1) on [N, T, C] tokens (no growth step makes one yet): the shared function,
+    reading axis through an attribute reference, parses and builds (TensorRT-RTX: no plugin layers)."""
+    from surgeon.export.onnx_export import save_onnx, set_metadata
+    from surgeon.export.passes import default_passes
+    from tests.export.test_grownorm_axis import _token_model
+
+    _, lean = _token_model("linear")
+    if fold:
+        lean, _ = default_passes(True).run(lean)
+    set_metadata(lean.proto, {"surgeon.batch": "1:4:8", "surgeon.precision": "fp32"})
+    path = save_onnx(lean, tmp_path / "tokens.onnx")
+    nodes = [n for n in onnx.load(path).graph.node if n.op_type == "GrowNorm"]
+    assert len(nodes) == 1 and any(a.name == "axis" and a.i == -1 for a in nodes[0].attribute)
+
+    report = build_engine(path, builder="tensorrt-rtx")
+
+    assert (tmp_path / "tokens.engine").stat().st_size == report.engine_bytes > 10_000
+    assert report.grownorm_nodes == 1 and report.grownorm_impl == "onnx function" and report.plugin_layers == 0
+    assert report.batch == "1:4:8" and report.input_shape == [-1, 3, 16, 16]

@@ -5,6 +5,12 @@ Dropout/Identity and average pooling always; ReLU, LeakyReLU and max pooling onl
 (max(γx, 0) = γ·max(x, 0) needs γ > 0); Flatten/Reshape repeat γ over each channel's positions. The
 consumer's input columns are multiplied by γ and GrowNorm keeps a scale of 1 — or, for channels
 whose γ cannot pass (γ ≤ 0 before a ReLU), keeps their γ and says so.
+
+A GrowNorm with ``axis=-1`` on a rank ≥ 3 tensor (``[N, ..., C]``, tokens) has its channels last:
+γ passes Dropout/Identity, ReLU/LeakyReLU (γ > 0), a ReduceMean that keeps the last axis and a
+Reshape that keeps it, and folds into the rows of a MatMul's ``[C, out]`` weight (the MatMul
+contracts the last axis: exactly the channels) or a Gemm's input columns after a ReduceMean to
+``[N, C]``. Pools and Flatten/Conv read channels on dim 1 and are refused, saying so.
 """
 
 from __future__ import annotations
@@ -30,16 +36,64 @@ def _channel_positions(src: gs.Tensor, dst: gs.Tensor) -> int | None:
     return spatial if d[1] == s[1] * spatial else None
 
 
-def _reduce_mean_ok(node: gs.Node) -> bool:
+def _reduce_axes(node: gs.Node):
     axes = node.attrs.get("axes")
     if axes is None and len(node.inputs) > 1:
         axes = constant_value(node.inputs[1])
-    return axes is not None and all(int(a) >= 2 for a in np.atleast_1d(axes))
+    return None if axes is None else [int(a) for a in np.atleast_1d(axes)]
 
 
-def _walk(norm: gs.Node, graph: gs.Graph) -> tuple[gs.Node | None, gs.Tensor, list[str], int, bool, str]:
+def _reduce_mean_ok(node: gs.Node) -> bool:
+    axes = _reduce_axes(node)
+    return axes is not None and all(a >= 2 for a in axes)
+
+
+def _rank(t: gs.Tensor) -> int | None:
+    return None if t.shape is None else len(t.shape)
+
+
+def channels_last(norm: gs.Node) -> tuple[bool, str]:
+    """Whether the node's channels are its input's last axis at rank ≥ 3 (``axis=-1`` tokens), or
+    why its axis cannot be placed. Axis -1 at rank 2 is dim 1: the channels-first rules hold."""
+    axis = int(norm.attrs.get("axis", 1))
+    if axis == 1:
+        return False, ""
+    rank = _rank(norm.inputs[0])
+    if rank is None:
+        return False, f"axis {axis}: the input's rank is unknown, so the channel axis cannot be placed"
+    if axis % rank == 1:
+        return False, ""
+    if axis % rank == rank - 1:
+        return True, ""
+    return False, f"axis {axis}: the channels are neither dim 1 nor the last dim of the rank-{rank} input"
+
+
+def _last_axis_step(node: gs.Node, cur: gs.Tensor) -> tuple[bool, str]:
+    """For channels-last GrowNorm output: (needs γ > 0, why not) for passing ``node``."""
+    if node.op in ("Dropout", "Identity"):
+        return False, ""
+    if node.op in ("Relu", "LeakyRelu"):
+        return True, ""
+    if node.op == "ReduceMean":
+        axes, rank = _reduce_axes(node), _rank(cur)
+        if axes is not None and rank is not None and all(a % rank != rank - 1 for a in axes):
+            return False, ""
+        return False, f"axis -1: ReduceMean {node.name} may reduce the channel (last) axis"
+    if node.op in _FLATTENS:
+        src, dst = cur.shape, node.outputs[0].shape
+        if node.op == "Reshape" and src and dst and isinstance(src[-1], int) and src[-1] == dst[-1] and len(dst) >= 2:
+            return False, ""  # the last axis (channels) is kept whole: γ stays per column
+        return False, f"axis -1: {node.op} {node.name} does not keep the channel (last) axis"
+    if node.op in _ALWAYS | _POSITIVE_ONLY:
+        return False, f"axis -1: {node.op} {node.name} pools over dims 2+, which hold the channels"
+    what = " (a residual branch)" if node.op in ("Add", "Sum") else ""
+    return False, f"reaches {node.op} {node.name}{what}, which does not commute with a per-channel scale"
+
+
+def _walk(norm: gs.Node, graph: gs.Graph, last: bool = False) -> tuple[gs.Node | None, gs.Tensor, list[str], int, bool, str]:
     """Follow GrowNorm's output to the consumer:
-    (consumer, the tensor it reads, path ops, positions per channel, needs γ > 0, why not)."""
+    (consumer, the tensor it reads, path ops, positions per channel, needs γ > 0, why not).
+    ``last``: the channels are the last axis (axis -1 at rank ≥ 3)."""
     cur = norm.outputs[0]
     path: list[str] = []
     positions, positive = 1, False
@@ -52,8 +106,15 @@ def _walk(norm: gs.Node, graph: gs.Graph) -> tuple[gs.Node | None, gs.Tensor, li
             return None, cur, path, positions, positive, why
         node = users[0]
         if node.op in _LINEAR:
+            if last and node.op == "Conv":
+                return None, cur, path, positions, positive, f"axis -1: Conv {node.name} reads channels on dim 1, not the last axis"
             return node, cur, path, positions, positive, ""
-        if node.op in _ALWAYS or (node.op == "ReduceMean" and _reduce_mean_ok(node)):
+        if last:
+            needs_positive, why = _last_axis_step(node, cur)
+            if why:
+                return None, cur, path, positions, positive, why
+            positive |= needs_positive
+        elif node.op in _ALWAYS or (node.op == "ReduceMean" and _reduce_mean_ok(node)):
             pass
         elif node.op in _POSITIVE_ONLY:
             positive = True
@@ -69,8 +130,9 @@ def _walk(norm: gs.Node, graph: gs.Graph) -> tuple[gs.Node | None, gs.Tensor, li
         cur = node.outputs[0]
 
 
-def _scale_consumer(consumer: gs.Node, src: gs.Tensor, scale: np.ndarray, positions: int) -> str | None:
-    """Multiply the consumer's input columns by ``scale`` (repeated per position); None or why not."""
+def _scale_consumer(consumer: gs.Node, src: gs.Tensor, scale: np.ndarray, positions: int, last: bool = False) -> str | None:
+    """Multiply the consumer's input columns by ``scale`` (repeated per position); None or why not.
+    ``last``: the channels are ``src``'s last axis, which a MatMul contracts whatever the rank."""
     if not consumer.inputs or consumer.inputs[0] is not src:
         return f"{consumer.op} {consumer.name} reads it as a weight, not as its input"
     weight = constant_value(consumer.inputs[1]) if len(consumer.inputs) > 1 else None
@@ -84,7 +146,9 @@ def _scale_consumer(consumer: gs.Node, src: gs.Tensor, scale: np.ndarray, positi
     elif consumer.op == "MatMul":
         if weight.ndim != 2:
             return f"MatMul {consumer.name} has a {weight.ndim}-D weight"
-        if src.shape is None or len(src.shape) != 2:
+        if last and src.shape is not None and len(src.shape) >= 2:
+            pass  # y = x·W contracts x's last axis (the channels) with W's rows
+        elif src.shape is None or len(src.shape) != 2:
             rank = "unknown-rank" if src.shape is None else f"rank-{len(src.shape)}"
             return f"MatMul {consumer.name} contracts the last axis of a {rank} input, not the channels"
         axis = 0
@@ -111,7 +175,11 @@ def fold_gamma(graph: gs.Graph) -> PassResult:
         if np.all(gamma == 1):
             result.skipped.append((norm.name, "no scale left to fold (γ = 1)"))
             continue
-        consumer, feed, path, positions, positive, why = _walk(norm, graph)
+        last, why = channels_last(norm)
+        if why:
+            result.skipped.append((norm.name, why))
+            continue
+        consumer, feed, path, positions, positive, why = _walk(norm, graph, last)
         if consumer is None:
             result.skipped.append((norm.name, why))
             continue
@@ -121,7 +189,7 @@ def fold_gamma(graph: gs.Graph) -> PassResult:
             result.skipped.append((norm.name, f"no channel has γ > 0 to pass {'/'.join(p for p in path if p in _POSITIVE_ONLY)}"))
             continue
         moved = np.where(foldable, gamma, 1).astype(gamma.dtype)
-        why_not = _scale_consumer(consumer, feed, moved, positions)
+        why_not = _scale_consumer(consumer, feed, moved, positions, last)
         if why_not:
             result.skipped.append((norm.name, why_not))
             continue
