@@ -80,6 +80,10 @@ def _merge_split_batchnorm(graph: gs.Graph, concat: gs.Node) -> str | None:
     if concat.attrs.get("axis") != 1 or any(len(b.outputs) != 1 or len(b.outputs[0].outputs) != 1
                                             or is_graph_output(graph, b.outputs[0]) for b in bns):
         return "not a channel split"
+    if any(len(b.inputs) < 5 for b in bns) or any(
+            constant_value(b.inputs[i]) is None or np.ndim(constant_value(b.inputs[i])) != 1 for b in bns for i in range(1, 5)):
+        # e.g. BatchNorms without running statistics, whose mean and variance come from the batch
+        return "the BatchNorms' scale, bias, mean and variance are not constant per-channel vectors"
     # The slices must tile the channels in order: starts 0, c0, c0+c1, ... on axis 1.
     pos = 0
     for s in slices:
