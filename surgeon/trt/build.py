@@ -106,21 +106,30 @@ def _network_flags(trt, use_plugin: bool) -> int:
     return flags
 
 
-def _parse(tk: Toolkit, network, path: Path, header: onnx.ModelProto, force_function: bool) -> None:
+def _parse(tk: Toolkit, network, path: Path, header: onnx.ModelProto, force_function: bool, plugin: bool) -> None:
     trt = tk.module
     parser = trt.OnnxParser(network, tk.logger().native)
-    if not force_function:
-        ok = parser.parse_from_file(str(path))  # reads external data from beside the file
-    else:
-        # The parser prefers a registered plugin over the local function: inline the function into a
-        # temporary copy beside the original (so its external data is still found) and parse that.
+    edit = None
+    if force_function:
+        # The parser prefers a registered plugin over the local function: inline the function.
         from onnx.inliner import inline_local_functions
 
-        inlined = inline_local_functions(header if _is_external(header) else load_onnx(path))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.inlined.", suffix=".onnx", dir=path.parent)
+        edit = inline_local_functions
+    elif plugin:
+        # tensorrt.plugin has no attribute defaults, and the parser leaves out attributes a node lacks:
+        # the plugin gets `axis` spelled out (absent means 1; files keep omitting it).
+        from surgeon_plugins.grownorm_trt import with_explicit_axis
+
+        edit = with_explicit_axis
+    if edit is None:
+        ok = parser.parse_from_file(str(path))  # reads external data from beside the file
+    else:
+        # The edited copy goes beside the original, so its external data is still found.
+        edited = edit(header if _is_external(header) else load_onnx(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.edited.", suffix=".onnx", dir=path.parent)
         os.close(fd)
         try:
-            onnx.save(inlined, tmp)
+            onnx.save(edited, tmp)
             ok = parser.parse_from_file(tmp)
         finally:
             os.unlink(tmp)
@@ -180,7 +189,7 @@ def build_engine(onnx_path: str | Path, output: str | Path | None = None, *, bat
 
     trt_builder = trt.Builder(log.native)
     network = trt_builder.create_network(_network_flags(trt, impl == "plugin"))
-    _parse(tk, network, path, header, force_function=impl == "onnx function" and registered(tk))
+    _parse(tk, network, path, header, force_function=impl == "onnx function" and registered(tk), plugin=impl == "plugin")
     plugin_layers = _plugin_layers(trt, network)
     if impl == "plugin" and plugin_layers < nodes:
         if plugin == "on":

@@ -122,6 +122,26 @@ def test_forcing_the_function_parses_an_inlined_copy(tmp_path, monkeypatch, exte
     builder = trt.Builder(tk.logger().native)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     before = sorted(p.name for p in tmp_path.iterdir())
-    _parse(tk, network, path, onnx.load(path, load_external_data=False), force_function=True)
+    _parse(tk, network, path, onnx.load(path, load_external_data=False), force_function=True, plugin=False)
     assert network.num_layers > 10
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_the_plugin_parses_a_copy_with_axis_spelled_out(tmp_path, monkeypatch):
+    """tensorrt.plugin has no attribute defaults and the parser omits absent attributes: a plugin
+    build parses a copy whose GrowNorm nodes say axis=1 (the file itself keeps omitting it)."""
+    import surgeon.trt.build as build_mod
+
+    ckpt = _grown_checkpoint(tmp_path / "g.pt", [GrowStep("wide", "classifier.0", 16)])
+    path = export_checkpoint(ckpt, tmp_path / "m.onnx").path
+    parsed = []
+    save = build_mod.onnx.save
+    monkeypatch.setattr(build_mod.onnx, "save", lambda model, f: (parsed.append(model), save(model, f))[1])
+    tk = find_toolkit("tensorrt-rtx")
+    network = trt.Builder(tk.logger().native).create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    _parse(tk, network, path, onnx.load(path, load_external_data=False), force_function=False, plugin=True)
+    [model] = parsed
+    nodes = [n for n in model.graph.node if n.op_type == "GrowNorm"]
+    assert nodes and all(onnx.helper.get_node_attr_value(n, "axis") == 1 for n in nodes)
+    assert not any(a.name == "axis" for n in onnx.load(path).graph.node if n.op_type == "GrowNorm" for a in n.attribute)
+    assert network.num_layers > 10  # TensorRT-RTX has no plugins: the function, reading axis=1, was used
