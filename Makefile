@@ -8,6 +8,8 @@ VENV_SERVE ?= .venv-serve
 PY_SERVE := $(VENV_SERVE)/bin/python
 SERVE_TESTS := tests/runtime/test_serve.py tests/test_dockerfile.py
 PYTEST_ARGS ?=
+# pytest-xdist workers (tests/conftest.py gives each one torch thread); JOBS=0 runs in one process.
+JOBS ?= auto
 
 .PHONY: demo test test-fast install install-dev install-serve clean
 
@@ -35,11 +37,11 @@ demo: install
 	$(VENV)/bin/surgeon demo
 
 test: install-dev install-serve
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(JOBS) $(PYTEST_ARGS)
 	$(PY_SERVE) -m pytest -q $(SERVE_TESTS)
 
 test-fast: install-dev
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(JOBS) -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV_SERVE) runs .pytest_cache

@@ -41,6 +41,7 @@ def test_pickled_objects_are_named_as_such(tmp_path, payload):
     assert not marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 5:UserWarning")  # torch's note on reading it
 def test_a_plain_pickle_is_not_called_corrupt(tmp_path):
     path = tmp_path / "weights.pt"
     with open(path, "wb") as f:
