@@ -11,9 +11,9 @@ the validation images:
 - a 2-D embedding (t-SNE, or PCA above :data:`TSNE_MAX_POINTS` points) of the layer's features;
 - the units with the highest mean activation per group and the images that activate them most.
 
-Convolutional features (``[N, C, H, W]``) are average-pooled over positions to one value per
-channel and image; activation norms are taken over a group's channels at each position and then
-averaged over positions.
+Convolutional features (``[N, C, H, W]``) and token / channels-last features (``[N, ..., C]``,
+a GrowNorm with ``axis=-1``) are average-pooled over positions to one value per channel and image;
+activation norms are taken over a group's channels at each position and then averaged over positions.
 """
 
 from __future__ import annotations
@@ -76,24 +76,32 @@ def select_subset(n: int, max_images: int) -> list[int]:
     return sorted(int(i) for i in rng.choice(n, size=max_images, replace=False))
 
 
-def _pool(x: torch.Tensor) -> torch.Tensor:
-    """[N, C, *spatial] → [N, C] (mean over positions)."""
+def _channels_first(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """``[N, ..., C]`` (axis -1) → ``[N, C, ...]``; axis 1 as is."""
+    return x if axis == 1 or x.dim() == 2 else x.movedim(-1, 1)
+
+
+def _pool(x: torch.Tensor, axis: int = 1) -> torch.Tensor:
+    """[N, C, *spatial] (or [N, *positions, C] for axis -1) → [N, C] (mean over positions)."""
+    x = _channels_first(x, axis)
     return x.float().flatten(2).mean(2) if x.dim() > 2 else x.float()
 
 
-def _group_norms(x: torch.Tensor, groups: tuple[int, ...]) -> torch.Tensor:
+def _group_norms(x: torch.Tensor, groups: tuple[int, ...], axis: int = 1) -> torch.Tensor:
     """L2 norm over each group's channels at each position, averaged over positions: [N, G]."""
-    parts = torch.split(x.float(), list(groups), dim=1)
+    parts = torch.split(_channels_first(x, axis).float(), list(groups), dim=1)
     norms = [p.pow(2).sum(1).sqrt() for p in parts]  # [N, *spatial]
     return torch.stack([n.flatten(1).mean(1) if n.dim() > 1 else n for n in norms], dim=1)
 
 
-def _zero_channels(keep: slice, total: int):
-    """A forward hook that zeroes every output channel outside ``keep``."""
+def _zero_channels(keep: slice, total: int, axis: int = 1):
+    """A forward hook that zeroes every output channel (on ``axis``) outside ``keep``."""
 
     def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         mask = torch.zeros(total, dtype=output.dtype, device=output.device)
         mask[keep] = 1
+        if axis == -1:  # broadcasts over every leading dim
+            return output * mask
         return output * mask.reshape((1, -1) + (1,) * (output.dim() - 2))
 
     return hook
@@ -128,11 +136,11 @@ def capture(model: nn.Module, dataset: Any, indices: list[int], *, batch_size: i
         cap = caps[name] = LayerCapture(name, tuple(m.groups), str(m.role))
 
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor, cap: LayerCapture = cap) -> None:
-            x = inputs[0]
+            x, axis = inputs[0], getattr(module, "axis", 1)
             cap.spatial = x.dim() > 2
-            cap.activations.append(_pool(x).cpu().numpy())
-            cap.norms.append(_group_norms(x, cap.groups).cpu().numpy())
-            cap.features.append(_pool(output).cpu().numpy())
+            cap.activations.append(_pool(x, axis).cpu().numpy())
+            cap.norms.append(_group_norms(x, cap.groups, axis).cpu().numpy())
+            cap.features.append(_pool(output, axis).cpu().numpy())
 
         handles.append(m.register_forward_hook(hook))
     try:
@@ -152,7 +160,7 @@ def masked_accuracy(model: nn.Module, norm_name: str, keep: slice, dataset: Any,
                     batch_size: int = 64, workers: int = 0, device: torch.device | str = "cpu") -> float:
     """Accuracy with every channel of GrowNorm ``norm_name`` outside ``keep`` zeroed at its output."""
     module = model.get_submodule(norm_name)
-    handle = module.register_forward_hook(_zero_channels(keep, sum(module.groups)))
+    handle = module.register_forward_hook(_zero_channels(keep, sum(module.groups), getattr(module, "axis", 1)))
     try:
         preds, labels = _predict(model, dataset, indices, batch_size, workers, torch.device(device))
     finally:

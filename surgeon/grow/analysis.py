@@ -6,6 +6,11 @@ linear ops that finally consume its channels, possibly through pooling and flatt
 well defined only when every path from the layer ends in such a consumer; anything else (a residual
 add, a concat, a product with another tensor, a model output, a grouped conv) is refused with the
 reason.
+
+The channels are on dim 1 (``[N, C]`` features, ``[N, C, H, W]`` maps) except for a Linear applied
+to a rank >= 3 tensor (transformer tokens ``[N, T, C]``, ConvNeXt's channels-last ``[N, H, W, C]``),
+whose units are the last dim: such a site has ``axis=-1`` and may reach only Linear consumers (they
+read the last dim), through elementwise ops and means over non-channel dims.
 """
 
 from __future__ import annotations
@@ -39,7 +44,10 @@ try:  # per-sample (or per-batch) scaling: commutes with a per-channel scale too
     _PASS_MODULES += (StochasticDepth,)
 except ImportError:  # torchvision is optional for user models
     pass
+PASS_MODULES = _PASS_MODULES
 _BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, SplitBatchNorm)
+# Normalizations whose statistics span the channels: new units would change the old ones' outputs.
+_CROSS_CHANNEL_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
 _POOL_MODULES: tuple[type[nn.Module], ...] = (
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
 )
@@ -48,6 +56,7 @@ _ACT_FUNCTIONS = {
     F.selu, F.mish, torch.sigmoid, torch.tanh, F.softplus, F.hardtanh, torch.nn.functional.relu_,
 }
 _PASS_FUNCTIONS = {F.dropout, F.dropout2d, F.alpha_dropout}
+PASS_FUNCTIONS = frozenset(_PASS_FUNCTIONS)
 _ACT_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp_min", "contiguous"}
 _POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 _FLATTEN_FUNCTIONS = {torch.flatten}
@@ -168,6 +177,7 @@ class Site:
     node: fx.Node
     channels: int
     rank: int                                    # rank of the layer's output (2: features, 4: maps)
+    axis: int = 1                                # channel axis: 1, or -1 for a Linear on [N, ..., C]
     chain: list[fx.Node] = field(default_factory=list)   # elementwise nodes right after the layer
     batchnorms: list[str] = field(default_factory=list)
     norm_after: fx.Node | None = None            # GrowNorm goes right after this node
@@ -252,6 +262,11 @@ def _classify(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> str:
             return "flatten" if m.start_dim == 1 and m.end_dim == -1 else f"stop:feeds {node.target} (a Flatten not from dim 1)"
         if isinstance(m, nn.Conv2d) and m.groups != 1:
             return f"stop:feeds the grouped/depthwise conv {node.target}"
+        if isinstance(m, _CROSS_CHANNEL_NORMS):
+            return (f"stop:feeds {node.target} ({type(m).__name__}), which normalizes across the channels "
+                    "(old and new units would be mixed)")
+        if isinstance(m, nn.MultiheadAttention):
+            return f"stop:feeds the attention {node.target} (MultiheadAttention), which surgeon cannot widen through"
         if isinstance(m, nn.Sequential) and len(m) and is_linear_op(m[0]):
             return "linear"  # a block inserted by deep growth
         if is_linear_op(m):
@@ -329,6 +344,14 @@ def uncalled_reason(gm: fx.GraphModule, name: str) -> str:
     called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     if any(c.startswith(name + ".") for c in called) or (name == "" and called):
         return f"'{name}' ({known[name]}) is a block of layers, not a Linear or Conv2d layer"
+    owner = next((c for c in called if name.startswith(c + ".")), None)
+    if owner is not None:  # e.g. nn.MultiheadAttention's out_proj: the attention is one op
+        return (f"'{name}' ({known[name]}) is inside {owner} ({known.get(owner, '?')}), which the forward calls as "
+                "one op; surgeon cannot grow layers inside it")
+    read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    if any(t.startswith(name + ".") for t in read):  # e.g. Swin's attention passes qkv.weight to a function
+        return (f"'{name}' ({known[name]}) is not called as a layer: the forward passes its weights to other "
+                "code (attention), which surgeon cannot widen through")
     return f"'{name}' ({known[name]}) is not used by the model's forward"
 
 
@@ -346,9 +369,11 @@ def _analyse(gm: fx.GraphModule, layer: str) -> Site:
     shared = _calls(gm)
     node = nodes[0]
     shape = shape_of(node)
-    if shape is None or len(shape) not in (2, 4):
-        raise GrowthError(f"'{layer}' produces a tensor of shape {shape}; surgeon grows layers whose output is [N, C] or [N, C, H, W]")
-    site = Site(layer=layer, node=node, channels=shape[1], rank=len(shape))
+    axis = _channel_axis(module, shape)
+    if shape is None or axis is None:
+        raise GrowthError(f"'{layer}' produces a tensor of shape {shape}; surgeon grows layers whose output is "
+                          "[N, C], [N, C, H, W] or, for a Linear, [N, ..., C]")
+    site = Site(layer=layer, node=node, channels=shape[axis], rank=len(shape), axis=axis)
 
     # 1. The chain: single-user elementwise ops right after the layer.
     cur = node
@@ -358,6 +383,9 @@ def _analyse(gm: fx.GraphModule, layer: str) -> Site:
         kind = _classify(gm, nxt, cur)
         if kind not in ("bn", "act", "pass", "norm"):
             break
+        if kind == "bn" and axis == -1:
+            raise GrowthError(f"cannot grow '{layer}': its output feeds {nxt.target}, a BatchNorm over dim 1, but "
+                              f"the units of '{layer}' are on the last dim")
         site.chain.append(nxt)
         if kind == "bn":
             if shared.get(str(nxt.target), 1) > 1:
@@ -382,6 +410,63 @@ def _analyse(gm: fx.GraphModule, layer: str) -> Site:
     return site
 
 
+def _channel_axis(module: nn.Module, shape: tuple[int, ...] | None) -> int | None:
+    """Where the layer's units are in its output: dim 1 for a Conv2d ``[N, C, H, W]`` or a Linear
+    ``[N, C]``; the last dim for a Linear on tokens or channels-last maps (rank >= 3); None when the
+    output has another form."""
+    if shape is None:
+        return None
+    base = module.old if isinstance(module, Widened) else module
+    if isinstance(base, nn.Linear):
+        return 1 if len(shape) == 2 else -1 if len(shape) >= 3 else None
+    return 1 if len(shape) == 4 else None
+
+
+def _reads_last_dim(m: nn.Module | None) -> bool:
+    """A consumer that reads the last dim: a Linear (grown or not) or a deep block starting with one."""
+    if isinstance(m, nn.Sequential) and len(m):
+        m = m[0]
+    if isinstance(m, Widened):
+        m = m.old
+    return isinstance(m, nn.Linear)
+
+
+def _mean_dims(node: fx.Node, rank: int) -> set[int] | None:
+    """The dims ``x.mean(dims)`` reduces (non-negative), or None when they are not given as constants."""
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if isinstance(dims, int):
+        dims = (dims,)
+    if not isinstance(dims, (tuple, list)) or not dims or not all(isinstance(d, int) for d in dims):
+        return None
+    return {d % rank for d in dims}
+
+
+def _channels_last_problem(gm: fx.GraphModule, kind: str, node: fx.Node, src_shape: tuple[int, ...]) -> str | None:
+    """Why ``node`` cannot pass or consume units that sit on the last dim of ``src_shape`` (rank >= 3),
+    or None. Elementwise ops pass them, a Linear reads them, a mean over other dims keeps them last."""
+    if kind in ("act", "pass", "norm"):
+        return None
+    if kind == "bn":
+        return f"its output feeds {node.target}, a BatchNorm over dim 1, but the units are on the last dim"
+    if kind == "linear":
+        if _reads_last_dim(_module(gm, node)):
+            return None
+        return f"its output feeds {node.target}, which reads dim 1, but the units are on the last dim"
+    if kind == "pool" and node.op == "call_method" and node.target == "mean":
+        dims = _mean_dims(node, len(src_shape))
+        if dims is not None and len(src_shape) - 1 not in dims and 0 not in dims:
+            return None
+        return f"{node.name} averages over the last dim (the units) or the batch; average over positions only"
+    if kind == "pool":
+        return f"{node.name} pools the last two dims, but the units are on the last dim"
+    return f"{node.name} reshapes a tensor whose units are on the last dim (they would mix with positions)"
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in _FLATTEN_METHODS) or (
+        node.op == "call_function" and node.target in (*_FLATTEN_FUNCTIONS, torch.reshape))
+
+
 def _calls(gm: fx.GraphModule) -> dict[str, int]:
     """How many nodes call each module."""
     counts: dict[str, int] = {}
@@ -396,8 +481,20 @@ def _walk_region(gm: fx.GraphModule, site: Site, src: fx.Node, src_shape: tuple[
         if _reads_metadata_only(user):
             continue
         kind = _classify(gm, user, src)
+        channels_last = site.axis == -1 and len(src_shape) >= 3  # units on the last dim ([N, C] again at rank 2)
+        if channels_last and _is_reshape(user):
+            kind = "flatten"  # any reshape of a channels-last tensor: refused below, saying why
         if kind.startswith("stop:"):
             raise GrowthError(f"cannot grow '{site.layer}': its output {kind[5:]}")
+        if channels_last:
+            problem = _channels_last_problem(gm, kind, user, src_shape)
+            if problem:
+                raise GrowthError(f"cannot grow '{site.layer}': {problem}")
+            if kind == "linear":
+                site.consumers.append(Consumer(str(user.target), user, positions))
+            else:
+                _walk_region(gm, site, user, shape_of(user) or src_shape, positions)
+            continue
         if kind == "linear":
             m = _module(gm, user)
             if isinstance(m, nn.Linear) and len(src_shape) != 2:

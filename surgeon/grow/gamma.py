@@ -9,7 +9,8 @@ The goal is that growth does not change the scale of what the next layer reads:
 - deep (one group of k units after a layer of C channels): γ = E‖x_in‖ · √(k / C), the per-unit
   magnitude of what the consumer read before the block was inserted.
 
-Norms are averaged over the samples and spatial positions of one calibration batch. GrowNorms are
+Norms are taken over the channel axis (dim 1, or the last dim for tokens / channels-last maps)
+and averaged over the samples and positions of one calibration batch. GrowNorms are
 calibrated in graph order during a single forward, so a norm downstream of another sees its
 calibrated output.
 """
@@ -26,19 +27,22 @@ from torch import fx
 from surgeon.grow.grownorm import GrowNorm
 
 
-def _mean_norm(x: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(x.float(), dim=1).mean())
+def _mean_norm(x: torch.Tensor, dim: int = 1) -> float:
+    """L2 norm over the channels ``dim``, averaged over every other dim (samples, positions)."""
+    return float(torch.linalg.vector_norm(x.float(), dim=dim).mean())
 
 
 def gamma_values(norm: GrowNorm, x: torch.Tensor, block_input: torch.Tensor | None) -> torch.Tensor:
     """The auto γ for ``norm`` given its input ``x`` (and, for a deep block, the block's input)."""
+    dim = 1 if norm.axis == 1 else x.dim() - 1
     if norm.role == "deep":
         assert block_input is not None
-        ref, ref_channels = _mean_norm(block_input), block_input.shape[1]
+        in_dim = 1 if norm.axis == 1 else block_input.dim() - 1
+        ref, ref_channels = _mean_norm(block_input, in_dim), block_input.shape[in_dim]
         per_unit = ref / math.sqrt(ref_channels)
         return torch.full((norm.channels,), per_unit * math.sqrt(norm.channels))
     c_old = norm.groups[0]
-    ref = _mean_norm(x[:, :c_old])
+    ref = _mean_norm(x.narrow(dim, 0, c_old), dim)
     per_unit = ref / math.sqrt(c_old)
     return torch.cat([torch.full((c_old,), ref)] + [torch.full((g,), per_unit * math.sqrt(g)) for g in norm.groups[1:]])
 

@@ -35,15 +35,23 @@ def in_channels(layer: nn.Module) -> int:
 
 class Widened(nn.Module):
     """A widened layer: the pretrained ``old`` units and the ``new`` ones read the same input;
-    their outputs are concatenated on the channel dimension."""
+    their outputs are concatenated on the channel dimension ``dim``: 1, or -1 for a Linear applied
+    to tokens / channels-last maps. ``dim`` is a plain attribute (not in the state dict): a rebuild
+    gets it from replaying the recipe, like the module structure."""
 
-    def __init__(self, old: nn.Module, new: nn.Module) -> None:
+    def __init__(self, old: nn.Module, new: nn.Module, dim: int = 1) -> None:
         super().__init__()
+        if dim not in (1, -1):
+            raise ValueError(f"Widened concatenates on dim 1 or -1, got {dim!r}")
         self.old = old
         self.new = new
+        self.dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.old(x), self.new(x)], dim=1)
+        return torch.cat([self.old(x), self.new(x)], dim=self.dim)
+
+    def extra_repr(self) -> str:
+        return "" if self.dim == 1 else f"dim={self.dim}"
 
 
 class SplitBatchNorm(nn.Module):

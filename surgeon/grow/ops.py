@@ -10,9 +10,11 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from surgeon.errors import GrowthError
+from surgeon.grow import analysis
 from surgeon.grow import init as winit
 from surgeon.grow.analysis import (Site, find_site, head_name, head_problem, propagate_shapes, shape_of, suggest,
                                    uncalled_reason)
@@ -208,7 +210,7 @@ def widen(gm: fx.GraphModule, step: GrowStep, state: GrowthState) -> Site:
     mapping = winit.copy_mapping(c, k) if step.init == "net2net" else None
     shares = winit.split_shares(c, mapping) if mapping is not None else None
 
-    gm.set_submodule(site.layer, Widened(layer, _new_branch(layer, k, step.init, mapping)))
+    gm.set_submodule(site.layer, Widened(layer, _new_branch(layer, k, step.init, mapping), dim=site.axis))
     for bn_name in site.batchnorms:
         bn = gm.get_submodule(bn_name)
         gm.set_submodule(bn_name, SplitBatchNorm(bn, _new_batchnorm(bn, k, mapping)))
@@ -218,26 +220,40 @@ def widen(gm: fx.GraphModule, step: GrowStep, state: GrowthState) -> Site:
         gm.set_submodule(consumer.name, _extend_input(m, k, consumer.positions, step.init, mapping, shares, fresh))
     if step.norm:
         name = _unique_name(gm, site.layer.replace(".", "_") + "_norm")
-        gm.add_submodule(name, GrowNorm((c, k), eps=step.eps, gamma_init=step.gamma_init, role="wide"))
+        gm.add_submodule(name, GrowNorm((c, k), eps=step.eps, gamma_init=step.gamma_init, role="wide", axis=site.axis))
         _insert_after(gm, site.norm_after, name)
         state.norms.append(name)
     state.grown.append(site.layer)
     return site
 
 
-def _deep_block(channels: int, units: int, rank: int, init: str) -> nn.Sequential:
-    if rank == 2:
+def _deep_block(channels: int, units: int, features: bool, init: str) -> nn.Sequential:
+    """Linear+ReLU on features (``[N, C]``, or units on the last dim), Conv3x3+BN+ReLU on maps."""
+    if features:
         block = nn.Sequential(nn.Linear(channels, units), nn.ReLU())
     else:
         block = nn.Sequential(nn.Conv2d(channels, units, 3, padding=1, bias=False), nn.BatchNorm2d(units), nn.ReLU())
     if init == "net2net":  # Net2DeeperNet: an identity on non-negative (post-ReLU) inputs
         with torch.no_grad():
-            if rank == 2:
+            if features:
                 block[0].weight.copy_(torch.eye(units))
                 block[0].bias.zero_()
             else:
                 nn.init.dirac_(block[0].weight)
     return block
+
+
+def _non_negative(gm: fx.GraphModule, site: Site) -> bool:
+    """The chain's last activation is a ReLU, so the deep block reads inputs >= 0 (a GrowNorm with
+    γ > 0 and dropout keep the sign)."""
+    for n in reversed(site.chain):
+        m = gm.get_submodule(str(n.target)) if n.op == "call_module" else None
+        if isinstance(m, (GrowNorm, *analysis.PASS_MODULES)) or (m is None and n.target in analysis.PASS_FUNCTIONS):
+            continue
+        if m is not None:
+            return isinstance(m, (nn.ReLU, nn.ReLU6))
+        return n.target in (torch.relu, F.relu, F.relu6, F.relu_, "relu", "relu_")
+    return False
 
 
 def deepen(gm: fx.GraphModule, step: GrowStep, state: GrowthState) -> Site:
@@ -248,9 +264,12 @@ def deepen(gm: fx.GraphModule, step: GrowStep, state: GrowthState) -> Site:
     assert site.tail is not None
     shape = shape_of(site.tail)
     assert shape is not None
-    c, k = shape[1], step.units
+    c, k = shape[site.axis], step.units
     if step.init == "net2net" and k != c:
         raise GrowthError(f"net2net deep growth starts as an identity and needs --units {c} (the width of '{site.layer}'), got {k}")
+    if step.init == "net2net" and site.axis == -1 and not _non_negative(gm, site):
+        raise GrowthError(f"net2net deep growth is an identity only on non-negative inputs, but '{site.layer}' is not "
+                          "followed by a ReLU (a GELU can be negative); use --init random")
     if k != c:
         pretrained = [x.name for x in site.consumers if x.name not in state.fresh]
         if pretrained:
@@ -267,12 +286,12 @@ def deepen(gm: fx.GraphModule, step: GrowStep, state: GrowthState) -> Site:
             else:
                 gm.set_submodule(consumer.name, replacement)
     block_name = _unique_name(gm, site.layer.replace(".", "_") + "_deep")
-    gm.add_submodule(block_name, _deep_block(c, k, len(shape), step.init))
+    gm.add_submodule(block_name, _deep_block(c, k, len(shape) == 2 or site.axis == -1, step.init))
     last = _insert_after(gm, site.tail, block_name)
     state.fresh.add(block_name)
     if step.norm:
         norm_name = _unique_name(gm, block_name + "_norm")
-        gm.add_submodule(norm_name, GrowNorm((k,), eps=step.eps, gamma_init=step.gamma_init, role="deep"))
+        gm.add_submodule(norm_name, GrowNorm((k,), eps=step.eps, gamma_init=step.gamma_init, role="deep", axis=site.axis))
         _insert_after(gm, last, norm_name)
         state.norms.append(norm_name)
     state.grown.append(site.layer)

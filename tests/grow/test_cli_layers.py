@@ -89,3 +89,21 @@ def test_missing_checkpoint_file_is_one_error_line(tmp_path):
 def test_missing_checkpoint_says_does_not_exist(tmp_path):
     res = CliRunner().invoke(cli, ["layers", "--model", str(tmp_path / "nope.pt")])
     assert "does not exist" in res.output.replace(str(tmp_path), "<DIR>")
+
+
+@pytest.mark.parametrize("model, site, count", [  # < 1 s each: --weights none builds on the meta device
+    ("convnext_tiny", "features.7.2.block.3", 18),   # every CNBlock's first MLP Linear
+    ("vit_b_16", "encoder.layers.encoder_layer_11.mlp.0", 12),
+    ("swin_t", "features.7.1.mlp.0", 12),
+])
+def test_transformer_and_convnext_mlps_are_growable(model, site, count):
+    """The first Linear of each MLP (units on the last dim) is listed; attention and the second
+    Linear (residual add) are not."""
+    res = run("--model", f"torchvision:{model}", "--weights", "none", "--json", "--all")
+    assert res.exit_code == 0, res.output
+    rows = {d["name"]: d for d in json.loads(res.output)}
+    assert rows[site]["wide"] == "ok" and rows[site]["deep"] == "ok"
+    growable = [n for n, d in rows.items() if not d["is_head"] and (d["wide"] == "ok" or d["deep"] == "ok")]
+    assert len(growable) == count and all(n.endswith((".mlp.0", ".block.3")) for n in growable), growable
+    second = site[: -1] + ("5" if site.endswith("block.3") else "3")
+    assert "residual add" in rows[second]["wide"] or "permute" in rows[second]["wide"]
