@@ -1,8 +1,16 @@
 """merge-parallel: the old and new branches of a widened layer become one op.
 
-Two Conv (or Gemm, or MatMul) nodes that read the same input with the same attributes and constant
-weights, concatenated on channels, become one op with concatenated weights. The matching
+Two Conv (or Gemm) nodes that read the same input with the same attributes and constant weights,
+concatenated on channels, become one op with concatenated weights. The matching
 Slice → BatchNormalization ×2 → Concat of a widened BatchNorm becomes one BatchNormalization.
+
+A Linear on a rank ≥ 3 tensor (``[N, T, C]`` tokens, ``[N, H, W, C]`` channels-last) exports as
+``MatMul(x, Wᵀ)`` then ``Add(bias)``: two or more such branches (each with or without its Add) that
+read the same x and are concatenated on the last axis become one MatMul with the weights
+concatenated along the output axis, then one Add with the biases concatenated (zeros for a branch
+without one; no Add when no branch has a bias). Refused, with the reason: branches that read
+different inputs, a Concat on another axis (e.g. tokens), a weight that is not a constant 2-D
+initializer, an Add operand that is not a constant broadcast over the last dim only.
 """
 
 from __future__ import annotations
@@ -19,9 +27,90 @@ def _out_axis(node: gs.Node) -> int:
     """The weight axis that indexes output channels."""
     if node.op == "Conv":
         return 0
-    if node.op == "Gemm":
-        return 0 if node.attrs.get("transB", 0) else 1
-    return 1  # MatMul [in, out]
+    return 0 if node.attrs.get("transB", 0) else 1  # Gemm
+
+
+def _single_use(graph: gs.Graph, t: gs.Tensor) -> bool:
+    return len(t.outputs) == 1 and not is_graph_output(graph, t)
+
+
+def _matmul_branch(t: gs.Tensor) -> tuple[gs.Node, gs.Tensor | None, gs.Node | None] | None:
+    """(MatMul, bias operand, Add) of one Concat input — ``MatMul`` alone or ``Add(MatMul, b)`` in
+    either operand order — or None when the input is not a MatMul branch."""
+    p = t.inputs[0] if t.inputs else None
+    if p is None:
+        return None
+    if p.op == "MatMul" and len(p.inputs) == 2:
+        return p, None, None
+    if p.op == "Add" and len(p.inputs) == 2:
+        for i, operand in enumerate(p.inputs):
+            src = operand.inputs[0] if operand.inputs else None
+            if src is not None and src.op == "MatMul" and len(src.inputs) == 2:
+                return src, p.inputs[1 - i], p
+    return None
+
+
+def _known_rank(*tensors: gs.Tensor) -> int | None:
+    for t in tensors:
+        if t.shape is not None:
+            return len(t.shape)
+    return None
+
+
+def _merge_matmul(graph: gs.Graph, concat: gs.Node) -> str | None:
+    """MatMul(+Add) branches on one input concatenated on the last axis → one MatMul (+ one Add)."""
+    branches = [_matmul_branch(t) for t in concat.inputs]
+    if len(branches) < 2 or any(b is None for b in branches):
+        return None
+    mms = [mm for mm, _, _ in branches]
+    if any(not _single_use(graph, t) for t in concat.inputs) or any(
+            add is not None and not _single_use(graph, mm.outputs[0]) for mm, _, add in branches):
+        return "a branch output has other consumers or is a graph output"
+    x = mms[0].inputs[0]
+    if any(mm.inputs[0] is not x for mm in mms):
+        return "branches read different inputs"
+    weights = [constant_value(mm.inputs[1]) for mm in mms]
+    if any(w is None for w in weights):
+        return "a branch weight is not a constant initializer"
+    if any(w.ndim != 2 for w in weights):
+        return "a branch weight is not a 2-D [in, out] matrix"
+    rank = _known_rank(concat.outputs[0], *(mm.outputs[0] for mm in mms), x)
+    axis = int(concat.attrs.get("axis", 0))
+    if not (axis == -1 or (rank is not None and axis == rank - 1)):
+        where = f"axis {axis} of rank {rank}" if rank is not None else f"axis {axis} of an unknown rank"
+        return f"MatMul outputs are not concatenated on features (the last axis): {where}"
+    if any(w.shape[0] != weights[0].shape[0] for w in weights) or len({w.dtype for w in weights}) != 1:
+        return "branch weights differ in input size or type"
+    biases = []
+    for (mm, operand, add), w in zip(branches, weights):
+        k = w.shape[1]
+        if add is None:
+            biases.append(None)
+            continue
+        b = constant_value(operand)
+        if b is None:
+            return f"an operand of Add {add.name} is not a constant (not a bias)"
+        if b.ndim > (rank if rank is not None else 1) or any(d != 1 for d in b.shape[:-1]) or (b.ndim and b.shape[-1] not in (1, k)):
+            return f"the constant of Add {add.name} ({list(b.shape)}) is not broadcast over the last dim only"
+        biases.append(np.broadcast_to(b.reshape(-1).astype(w.dtype), (k,)))
+    weight = np.concatenate(weights, axis=1)
+    out = concat.outputs[0]
+    first = mms[0]
+    concat.outputs.clear()
+    for mm, _, add in branches:
+        mm.outputs.clear()
+        if add is not None:
+            add.outputs.clear()
+    w_const = gs.Constant(f"{first.name}_merged_weight", weight)
+    if all(b is None for b in biases):
+        graph.nodes.append(gs.Node("MatMul", f"{first.name}_merged", {}, [x, w_const], [out]))
+        return ""
+    bias = np.concatenate([np.zeros(w.shape[1], w.dtype) if b is None else b for b, w in zip(biases, weights)])
+    mid = gs.Variable(f"{first.name}_merged_out", dtype=out.dtype, shape=out.shape)
+    graph.nodes.append(gs.Node("MatMul", f"{first.name}_merged", {}, [x, w_const], [mid]))
+    graph.nodes.append(gs.Node("Add", f"{first.name}_merged_bias_add", {},
+                               [mid, gs.Constant(f"{first.name}_merged_bias", bias)], [out]))
+    return ""
 
 
 def _merge_linear(graph: gs.Graph, concat: gs.Node) -> str | None:
@@ -31,6 +120,8 @@ def _merge_linear(graph: gs.Graph, concat: gs.Node) -> str | None:
     first = producers[0]
     if any(p.op != first.op or p.inputs[0] is not first.inputs[0] or p.attrs != first.attrs for p in producers):
         return "branches differ in input, op or attributes"
+    if first.op == "MatMul":
+        return None  # all-MatMul branches are _merge_matmul's, which runs first
     if any(len(t.outputs) != 1 or is_graph_output(graph, t) for t in concat.inputs):
         return "a branch output has other consumers or is a graph output"
     if first.op == "Conv" and first.attrs.get("group", 1) != 1:
@@ -42,11 +133,6 @@ def _merge_linear(graph: gs.Graph, concat: gs.Node) -> str | None:
         return "Gemm output is not concatenated on features"
     if first.op == "Conv" and concat.attrs.get("axis") != 1:
         return "Conv outputs are not concatenated on channels"
-    if first.op == "MatMul":
-        out_shape = concat.outputs[0].shape
-        rank = len(out_shape) if out_shape is not None else None
-        if weights[0].ndim != 2 or rank is None or concat.attrs.get("axis") not in (-1, rank - 1):
-            return "MatMul outputs are not concatenated on features"
     axis = _out_axis(first)
     rest = [w.shape[:axis] + w.shape[axis + 1:] for w in weights]
     if any(r != rest[0] for r in rest):
@@ -120,7 +206,8 @@ def merge_parallel(graph: gs.Graph) -> PassResult:
         if not concat.outputs or any(not t.inputs for t in concat.inputs):
             continue
         producers = ", ".join(t.inputs[0].name for t in concat.inputs)
-        for rule, what in ((_merge_linear, "branches"), (_merge_split_batchnorm, "BatchNorm halves")):
+        for rule, what in ((_merge_matmul, "branches"), (_merge_linear, "branches"),
+                           (_merge_split_batchnorm, "BatchNorm halves")):
             why = rule(graph, concat)
             if why is None:
                 continue
