@@ -77,8 +77,8 @@ def grownorm_function() -> onnx.FunctionProto:
     ``Flatten(X, axis=<ref axis>)`` gives ``[P, C·S]`` for either axis (axis 1: P = N, S = the
     spatial size; axis -1: P = N·…, S = 1), reshaped to ``[P, C, S]``. Flatten's own default axis
     is 1, so a node without ``axis`` means axis 1 even where a consumer ignores the function's
-    declared default (onnx's inliner does). With M[c, g] = (start_g <= c < end_g) from ``groups``:
-    S_g = ReduceSum_c(X²[P, C, 1, S] · M[C, G, 1]) → ``[P, G, S]``, and Y = X · Gather_1(max(S,
+    declared default (onnx's inliner does). With M[g, c] = (start_g <= c < end_g) from ``groups``:
+    S_g = ReduceSum_c(X²[P, 1, C, S] · M[G, C, 1]) → ``[P, G, S]``, and Y = X · Gather_1(max(S,
     eps²)^-½, group_of_channel) · γ. Each group sum adds exact zeros for the other groups' channels,
     so a tiny new group beside a large old one loses nothing (no difference of running sums, no
     matrix multiply that a GPU builder may run in TF32); Gather copies each group's scale to its
@@ -110,7 +110,7 @@ def grownorm_function() -> onnx.FunctionProto:
         int64("i0", [0]),
         int64("i1", [1]),
         int64("i2", [2]),
-        # group sizes → total C, membership M[c, g], each channel's group index (exact integers)
+        # group sizes → total C, membership M[g, c], each channel's group index (exact integers)
         sizes,
         node("CumSum", ["sizes", "zero"], ["ends"]),
         node("Sub", ["ends", "sizes"], ["starts"]),
@@ -118,12 +118,14 @@ def grownorm_function() -> onnx.FunctionProto:
         node("Unsqueeze", ["total", "i0"], ["total_1d"]),
         node("Range", ["zero", "total", "one"], ["channel"]),
         node("Unsqueeze", ["channel", "i1"], ["channel_col"]),                   # [C, 1]
-        node("GreaterOrEqual", ["channel_col", "starts"], ["after_start"]),      # [C, G]
-        node("Less", ["channel_col", "ends"], ["before_end"]),
+        node("Unsqueeze", ["starts", "i1"], ["starts_col"]),                     # [G, 1]
+        node("Unsqueeze", ["ends", "i1"], ["ends_col"]),
+        node("GreaterOrEqual", ["channel", "starts_col"], ["after_start"]),      # [G, C]
+        node("Less", ["channel", "ends_col"], ["before_end"]),
         node("And", ["after_start", "before_end"], ["member_b"]),
         node("CastLike", ["member_b", "X"], ["member"]),
-        node("Unsqueeze", ["member", "i2"], ["member_3d"]),                      # [C, G, 1]
-        node("GreaterOrEqual", ["channel_col", "ends"], ["past_end_b"]),         # groups ending at or before c
+        node("Unsqueeze", ["member", "i2"], ["member_3d"]),                      # [G, C, 1]
+        node("GreaterOrEqual", ["channel_col", "ends"], ["past_end_b"]),         # [C, G]: groups ending at or before c
         node("Cast", ["past_end_b"], ["past_end"], to=onnx.TensorProto.INT64),
         node("ReduceSum", ["past_end", "i1"], ["group_of_channel"], keepdims=0),    # [C]
         # X as [P, C, S], whichever axis holds the channels
@@ -139,9 +141,11 @@ def grownorm_function() -> onnx.FunctionProto:
         node("CastLike", ["eps_f", "X"], ["eps_x"]),
         node("Mul", ["eps_x", "eps_x"], ["eps_sq"]),
         node("Mul", ["x3", "x3"], ["x_sq"]),
-        node("Unsqueeze", ["x_sq", "i2"], ["x_sq_4d"]),                          # [P, C, 1, S]
-        node("Mul", ["x_sq_4d", "member_3d"], ["x_sq_groups"]),                  # [P, C, G, S]
-        node("ReduceSum", ["x_sq_groups", "i1"], ["group_sq"], keepdims=0),      # [P, G, S]
+        # [P, G, C, S] rather than [P, C, G, S]: each (p, g) sums one contiguous C·S block, which is
+        # 1.5-2x faster in ONNX Runtime where S = 1 (tokens, [N, C] features) and the same for convs.
+        node("Unsqueeze", ["x_sq", "i1"], ["x_sq_4d"]),                          # [P, 1, C, S]
+        node("Mul", ["x_sq_4d", "member_3d"], ["x_sq_groups"]),                  # [P, G, C, S]
+        node("ReduceSum", ["x_sq_groups", "i2"], ["group_sq"], keepdims=0),      # [P, G, S]
         node("Max", ["group_sq", "eps_sq"], ["group_sq_safe"]),
         node("Sqrt", ["group_sq_safe"], ["group_norm"]),
         node("Reciprocal", ["group_norm"], ["group_inv"]),
