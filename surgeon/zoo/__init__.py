@@ -3,6 +3,9 @@
 ``--model`` accepts
 - ``torchvision:NAME`` — any torchvision classification model; ``--weights`` is ``DEFAULT``, a
   weights enum name (``IMAGENET1K_V1``), ``none``, or a local state-dict file;
+- ``timm:NAME`` (``timm:resnet18``, ``timm:resnet18.a1_in1k``) — any timm model (the optional extra
+  ``surgeon[timm]``); ``--weights`` is ``DEFAULT`` (the pretrained tag's weights, downloaded by timm),
+  ``none``, or a local state-dict file (``.pth``/``.bin``/``.safetensors``);
 - ``surgeon:NAME`` — an architecture shipped with surgeon (``surgeon:digitnet``);
 - a surgeon checkpoint file (``models/digitnet.pt``, or a ``grown.pt`` to grow further);
 - ``MODULE:FACTORY`` or ``FILE.py:FACTORY`` — your own ``nn.Module`` class or factory (imported:
@@ -11,12 +14,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import importlib
 import importlib.util
+import math
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -48,6 +56,8 @@ def build_architecture(spec: str, *, trust_code: bool = True) -> nn.Module:
     """The randomly initialised architecture for ``spec`` (no weights are fetched)."""
     if spec.startswith("torchvision:"):
         return _torchvision(spec.split(":", 1)[1], None)
+    if spec.startswith("timm:"):
+        return _timm_model(spec.split(":", 1)[1], pretrained=False)
     if spec.startswith("surgeon:"):
         return _surgeon_arch(spec.split(":", 1)[1])
     if not trust_code:
@@ -84,7 +94,7 @@ def _torchvision(name: str, weights: str | None) -> nn.Module:
         ) from None
 
 
-def _torchvision_preprocessing(name: str, weights: str | None) -> Preprocessing:
+def _torchvision_preprocessing(name: str, weights: str | None, module: nn.Module | None = None) -> Preprocessing:
     import torchvision
 
     # The weights' own eval transforms (e.g. 299 for inception_v3); metadata only, nothing is fetched,
@@ -95,11 +105,72 @@ def _torchvision_preprocessing(name: str, weights: str | None) -> Preprocessing:
         enum = None
     if enum is not None:
         w = enum.DEFAULT if weights in (None, "DEFAULT") else getattr(enum, weights, None)
+        fixed = getattr(module, "image_size", None) if weights is None else None
+        if w is not None and isinstance(fixed, int) and int(w.transforms().crop_size[0]) != fixed:
+            # a ViT built without weights takes its default size (vit_h_14: 224), not its DEFAULT
+            # weights' (518): the transforms of weights made for that size, else none
+            w = next((e for e in enum if int(e.transforms().crop_size[0]) == fixed), None)
         if w is not None:
             t = w.transforms()
             return Preprocessing(input_size=int(t.crop_size[0]), resize=int(t.resize_size[0]),
                                  mean=tuple(t.mean), std=tuple(t.std))
     return Preprocessing(input_size=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+TIMM_MISSING = "--model timm:NAME needs timm, an optional extra: pip install 'surgeon[timm]'"
+
+
+def _import_timm() -> ModuleType:
+    try:
+        import timm
+    except ImportError:
+        raise SurgeonError(TIMM_MISSING) from None
+    return timm
+
+
+def _timm_model(name: str, *, pretrained: bool) -> nn.Module:
+    """``timm.create_model(name)``; ``pretrained`` downloads the weights of its (default) tag."""
+    timm = _import_timm()
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name.split(".", 1)[0], timm.list_models(), n=5, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else "timm.list_models('*PATTERN*') lists the names"
+        raise SurgeonError(f"timm has no model '{name}'; {hint}")
+    try:
+        return _plain_linears(timm.create_model(name, pretrained=pretrained))
+    except SurgeonError:
+        raise
+    except Exception as exc:  # hub, URL and file errors come in many types
+        text = str(exc).strip()
+        first = text.splitlines()[0].split(". ")[0][:160] if text else ""
+        if pretrained:
+            raise SurgeonError(
+                f"could not download the pretrained weights of timm:{name} ({type(exc).__name__}: {first}); "
+                "without network, pass --weights none or --weights PATH to a local state dict"
+            ) from None
+        raise SurgeonError(f"timm cannot build {name} ({type(exc).__name__}: {first})") from None
+
+
+def _plain_linears(module: nn.Module) -> nn.Module:
+    """timm's ``timm.layers.Linear`` (MobileNetV3's classifier, for one) is an ``nn.Linear`` whose
+    forward only differs under TorchScript; torch.fx would trace into it and see no Linear layer.
+    It becomes a plain ``nn.Linear`` with the same parameters (same state-dict keys)."""
+    from timm.layers import Linear as TimmLinear
+
+    for m in module.modules():
+        if type(m) is TimmLinear:
+            m.__class__ = nn.Linear
+    return module
+
+
+def _timm_preprocessing(module: nn.Module) -> Preprocessing:
+    """Eval preprocessing from timm's data config: crop ``input_size``, resize the short side to
+    ``floor(input_size / crop_pct)`` as timm's eval transforms do, timm's mean and std."""
+    timm = _import_timm()
+    cfg = timm.data.resolve_data_config({}, model=module)
+    size = int(cfg["input_size"][-2])
+    crop_pct = cfg.get("crop_pct") or 1.0
+    return Preprocessing(input_size=size, resize=max(size, math.floor(size / crop_pct)),
+                         mean=tuple(float(v) for v in cfg["mean"]), std=tuple(float(v) for v in cfg["std"]))
 
 
 def _user_factory(spec: str):
@@ -134,6 +205,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.exists():
         raise SurgeonError(f"weights file {p} does not exist")
+    if p.suffix == ".safetensors":
+        return _load_safetensors(p)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -148,6 +221,18 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _load_safetensors(p: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise SurgeonError(f"{p} is a safetensors file; pip install safetensors to read it") from None
+    try:
+        return load_file(str(p), device="cpu")
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise SurgeonError(f"{p} is not a readable safetensors file ({first})") from None
+
+
 def _load_weights(module: nn.Module, path: str, spec: str) -> None:
     state = load_state_dict_file(path)
     try:
@@ -158,21 +243,35 @@ def _load_weights(module: nn.Module, path: str, spec: str) -> None:
         raise SurgeonError(f"weights {path} do not fit {spec}: {detail[:300]}") from None
 
 
-def load_base(spec: str, weights: str = "DEFAULT", input_size: int | None = None) -> BaseModel:
-    """Build the base model for ``--model spec --weights weights``."""
+def load_base(spec: str, weights: str = "DEFAULT", input_size: int | None = None, *, meta: bool = False) -> BaseModel:
+    """Build the base model for ``--model spec --weights weights``. ``meta`` with ``--weights none``:
+    the structure only, on the meta device (no memory, no random init; shapes propagate without
+    computing), for ``surgeon layers``."""
     w_lower = (weights or "none").lower()
-    path_like = w_lower not in ("none", "default") and (Path(weights).suffix in (".pt", ".pth", ".bin") or Path(weights).exists())
+    if meta and w_lower == "none":
+        return _load_structure(spec, weights, input_size)
+    path_like = w_lower not in ("none", "default") and (
+        Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors") or Path(weights).exists())
     if spec.startswith("torchvision:"):
         name = spec.split(":", 1)[1]
         if w_lower == "none" or path_like:
             module = _torchvision(name, None)
-            pre = _torchvision_preprocessing(name, None)
+            pre = _torchvision_preprocessing(name, None, module)
             if path_like:
                 _load_weights(module, weights, spec)
         else:
             enum_name = "DEFAULT" if w_lower == "default" else weights
             module = _torchvision(name, enum_name)
             pre = _torchvision_preprocessing(name, enum_name)
+    elif spec.startswith("timm:"):
+        name = spec.split(":", 1)[1]
+        if w_lower not in ("none", "default") and not path_like:
+            raise SurgeonError(f"--weights for {spec} is DEFAULT, none or a file, got {weights!r}; "
+                               f"name a pretrained tag in the model instead (timm:{name.split('.', 1)[0]}.TAG)")
+        module = _timm_model(name, pretrained=w_lower == "default")
+        pre = _timm_preprocessing(module)
+        if path_like:
+            _load_weights(module, weights, spec)
     elif spec.startswith("surgeon:"):
         arch = spec.split(":", 1)[1]
         module = _surgeon_arch(arch)
@@ -204,6 +303,37 @@ def load_base(spec: str, weights: str = "DEFAULT", input_size: int | None = None
 
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
+
+
+@contextlib.contextmanager
+def _without_init() -> Iterator[None]:
+    """``torch.nn.init``'s functions do nothing inside (weights stay as allocated: uninitialized)."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS if hasattr(torch.nn.init, name)}
+    try:
+        for name in saved:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
+def _load_structure(spec: str, weights: str, input_size: int | None) -> BaseModel:
+    """``load_base`` on the meta device. A constructor that reads tensor values (RegNet computes its
+    widths with torch ops) cannot run there: it runs on the CPU with ``torch.nn.init`` disabled and
+    the model then moves to the meta device."""
+    try:
+        with torch.device("meta"):
+            return load_base(spec, weights, input_size)
+    except Exception:
+        with _without_init():
+            base = load_base(spec, weights, input_size)
+        base.module.to("meta")
+        return base
+
+
 @dataclass
 class Source:
     """A model to grow: a base network, or a surgeon checkpoint to grow further."""
@@ -220,8 +350,10 @@ def is_checkpoint_spec(spec: str) -> bool:
     return ":" not in spec and Path(spec).suffix in (".pt", ".pth")
 
 
-def open_model(spec: str, weights: str = "DEFAULT", input_size: int | None = None, *, trust_code: bool = False) -> Source:
-    """``--model``/``--weights`` to a model ready for growth (see the module docstring for the forms)."""
+def open_model(spec: str, weights: str = "DEFAULT", input_size: int | None = None, *, trust_code: bool = False,
+               meta: bool = False) -> Source:
+    """``--model``/``--weights`` to a model ready for growth (see the module docstring for the forms).
+    ``meta``: see :func:`load_base` (a checkpoint is always built with its weights)."""
     if input_size is not None:
         check_input_size(input_size)
     if is_checkpoint_spec(spec):
@@ -232,5 +364,5 @@ def open_model(spec: str, weights: str = "DEFAULT", input_size: int | None = Non
             raise SurgeonError(f"{spec} was trained at {ckpt.preprocessing.input_size}px; --input-size cannot change that")
         gm = ckpt.build_model(trust_code=trust_code)
         return Source(gm, ckpt.model, spec, ckpt.preprocessing, list(ckpt.recipe), gm.surgeon_state)  # type: ignore[attr-defined]
-    base = load_base(spec, weights, input_size)
+    base = load_base(spec, weights, input_size, meta=meta)
     return Source(base.module, base.model, base.weights, base.preprocessing, [])

@@ -181,3 +181,42 @@ def test_builtin_default_weights_are_the_shipped_checkpoint(digitnet_path):
     assert got.keys() == shipped.keys() and all(torch.equal(got[k], shipped[k]) for k in got)
     assert load_base("surgeon:digitnet", "none").weights == "none"
     assert load_base("torchvision:resnet18", "none").weights == "none"
+
+
+def _ordinary_layers(spec: str, size: int):
+    from surgeon.grow.analysis import layer_table, propagate_shapes, trace
+
+    gm = trace(load_base(spec, "none").module)
+    propagate_shapes(gm, size)
+    return layer_table(gm)
+
+
+@pytest.mark.parametrize("name, size", [("resnet18", 64), ("convnext_tiny", 64), ("regnet_y_400mf", 64), ("vit_b_32", 224)])
+def test_layers_structure_on_the_meta_device_matches_a_real_model(name, size):
+    """`surgeon layers --weights none` builds on the meta device (RegNet's constructor needs real
+    tensors: built uninitialized, then moved there) and lists what the real model would."""
+    from surgeon.commands.layers import analysed_layers
+
+    spec = f"torchvision:{name}"
+    assert next(load_base(spec, "none", meta=True).module.parameters()).is_meta
+    assert analysed_layers(spec, "none", size) == _ordinary_layers(spec, size)
+
+
+def test_layers_falls_back_where_the_meta_device_cannot_run_the_model(tmp_path):
+    f = tmp_path / "cpunet.py"
+    f.write_text("import torch\n"
+                 "class Net(torch.nn.Module):\n"
+                 "    def __init__(self):\n        super().__init__()\n"
+                 "        self.fc1, self.fc2 = torch.nn.Linear(12, 6), torch.nn.Linear(6, 2)\n"
+                 "    def forward(self, x):\n"
+                 "        return self.fc2(torch.relu(self.fc1(x.mean((2, 3)).repeat(1, 4) + torch.ones(12))))\n")
+    from surgeon.commands.layers import analysed_layers
+
+    rows = analysed_layers(f"{f}:Net", "none", 8)
+    assert [(r.name, r.wide) for r in rows] == [("fc1", "ok"), ("fc2", "classifier head (replaced for the new task)")]
+
+
+def test_weights_free_vit_gets_its_own_input_size():
+    """vit_h_14 without weights is a 224px model (its DEFAULT weights are the 518px SWAG variant)."""
+    assert load_base("torchvision:vit_h_14", "none", meta=True).preprocessing.input_size == 224
+    assert load_base("torchvision:vit_b_16", "none", meta=True).preprocessing.input_size == 224
