@@ -368,6 +368,9 @@ def _analyse(gm: fx.GraphModule, layer: str) -> Site:
         raise GrowthError(f"'{layer}' is called {len(nodes)} times in the forward (shared weights); growth needs a layer used once")
     shared = _calls(gm)
     node = nodes[0]
+    if not _depends_on_input(node):
+        raise GrowthError(f"'{layer}' reads no image-dependent input (a constant table, such as Swin-V2's "
+                          "position-bias MLP): its units would add no capacity for the new task")
     shape = shape_of(node)
     axis = _channel_axis(module, shape)
     if shape is None or axis is None:
@@ -408,6 +411,20 @@ def _analyse(gm: fx.GraphModule, layer: str) -> Site:
             raise GrowthError(f"cannot grow '{layer}': its output feeds {consumer.name}, which is called "
                               f"{shared[consumer.name]} times in the forward (shared weights)")
     return site
+
+
+def _depends_on_input(node: fx.Node) -> bool:
+    """Some placeholder (the model input) is an ancestor of ``node``."""
+    seen, stack = set(), [node]
+    while stack:
+        cur = stack.pop()
+        if cur.op == "placeholder":
+            return True
+        for a in cur.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return False
 
 
 def _channel_axis(module: nn.Module, shape: tuple[int, ...] | None) -> int | None:
