@@ -88,6 +88,8 @@ def _torchvision(name: str, weights: str | None) -> nn.Module:
         enums = [w.name for w in torchvision.models.get_model_weights(name)]
         raise SurgeonError(f"torchvision:{name} has no weights '{weights}' ({exc}); use DEFAULT, none, a file, or one of {', '.join(enums)}") from None
     except (OSError, RuntimeError) as exc:  # URLError is an OSError
+        if weights is None:  # nothing was downloaded: a constructor failure (on the meta device, say)
+            raise
         raise SurgeonError(
             f"could not download the {weights} weights of torchvision:{name} ({type(exc).__name__}: {exc}); "
             "without network, pass --weights none or --weights PATH to a local state dict"
