@@ -39,7 +39,7 @@ def growth_steps(grow: tuple[str, ...], layer: tuple[str, ...], units: tuple[int
 
 @click.command("finetune", context_settings=CONTEXT)
 @click.option("--model", "model_spec", default=_D.model, show_default=True,
-              help="torchvision:NAME, surgeon:NAME, a surgeon checkpoint (.pt), or MODULE:CLASS / FILE.py:CLASS.")
+              help="torchvision:NAME, timm:NAME, surgeon:NAME, a surgeon checkpoint (.pt), or MODULE:CLASS / FILE.py:CLASS.")
 @click.option("--weights", default=_D.weights, show_default=True,
               help="DEFAULT, none, a torchvision weights name (IMAGENET1K_V1), or a local state-dict file.")
 @click.option("--data", default=_D.data, show_default=True,
