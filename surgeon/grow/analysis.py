@@ -4,8 +4,15 @@ Kept apart from the edits (``surgeon.grow.ops``) that use it. A *site* is a name
 layer, the chain of elementwise ops that follows it (BatchNorm, activations, dropout), and the
 linear ops that finally consume its channels, possibly through pooling and flattening. Growth is
 well defined only when every path from the layer ends in such a consumer; anything else (a residual
-add, a concat, a product with another tensor, a model output, a grouped conv) is refused with the
+add, a concat, a product with another tensor, a model output, a depthwise conv) is refused with the
 reason.
+
+A grouped conv (ResNeXt, RegNet: ``groups`` = g, ``w`` > 1 input channels per group) is no growth
+site itself; it grows with the layer that feeds it. Widening that layer by ``k = m·w`` units gives
+the grouped conv ``m`` whole new groups that read exactly the new channels, and its output grows by
+``m·(out/g)`` channels, which travel on to its own consumers (``Site.grouped``, the grouped conv's
+site). Old and new channels first meet in those consumers, so the one GrowNorm goes after the
+grouped conv's chain (BatchNorm, activation), not after the widened layer's.
 
 The channels are on dim 1 (``[N, C]`` features, ``[N, C, H, W]`` maps) except for a Linear applied
 to a rank >= 3 tensor (transformer tokens ``[N, T, C]``, ConvNeXt's channels-last ``[N, H, W, C]``),
@@ -29,7 +36,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from surgeon.errors import GrowthError
 from surgeon.grow.grownorm import GrowNorm
-from surgeon.grow.modules import SURGEON_LEAF_MODULES, SplitBatchNorm, Widened
+from surgeon.grow.modules import SURGEON_LEAF_MODULES, GroupWidened, SplitBatchNorm, Widened
 
 # Elementwise modules: act on each channel independently and keep the shape, so new channels can
 # pass through them unchanged. Dropout/Identity additionally commute with a per-channel scale.
@@ -157,6 +164,11 @@ def is_growable_layer(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
+def is_grouped_conv(module: nn.Module) -> bool:
+    """A grouped, not depthwise, Conv2d: g > 1 groups of more than one input channel each."""
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.in_channels // module.groups > 1
+
+
 def is_linear_op(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Conv2d, Widened))
 
@@ -184,6 +196,8 @@ class Site:
     tail: fx.Node | None = None                  # last node of the chain; consumers read from here
     consumers: list[Consumer] = field(default_factory=list)
     grown_norm: str | None = None                # a GrowNorm already in the chain (layer was grown)
+    grouped: Site | None = None                  # the grouped conv this layer feeds, which grows with it
+    group_width: int = 0                         # its input channels per group: units come in multiples
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -243,7 +257,7 @@ def _is_batch_size_of(value: object, src: fx.Node) -> bool:
 
 def _classify(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> str:
     """What ``node`` does to the channels of its input ``src``:
-    'bn', 'act', 'pass', 'norm', 'pool', 'flatten', 'linear', or 'stop:<reason>'."""
+    'bn', 'act', 'pass', 'norm', 'pool', 'flatten', 'linear', 'grouped', or 'stop:<reason>'."""
     if node.op == "output":
         return "stop:is a model output"
     if node.op == "call_module":
@@ -260,6 +274,10 @@ def _classify(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> str:
             return "pool"
         if isinstance(m, nn.Flatten):
             return "flatten" if m.start_dim == 1 and m.end_dim == -1 else f"stop:feeds {node.target} (a Flatten not from dim 1)"
+        if isinstance(m, GroupWidened):
+            return f"stop:feeds the grouped conv {node.target}, which was already grown"
+        if is_grouped_conv(m):
+            return "grouped"
         if isinstance(m, nn.Conv2d) and m.groups != 1:
             return f"stop:feeds the grouped/depthwise conv {node.target}"
         if isinstance(m, _CROSS_CHANNEL_NORMS):
@@ -355,14 +373,41 @@ def uncalled_reason(gm: fx.GraphModule, name: str) -> str:
     return f"'{name}' ({known[name]}) is not used by the model's forward"
 
 
-def _analyse(gm: fx.GraphModule, layer: str) -> Site:
+def _grouped_refusal(gm: fx.GraphModule, layer: str, node: fx.Node, conv: nn.Conv2d) -> str:
+    """Why a grouped conv is no growth site, and what to grow instead: the layer that feeds it."""
+    w, g = conv.in_channels // conv.groups, conv.groups
+    head = (f"'{layer}' is a grouped conv (groups={g}, {w} input channels per group), which grows only by whole "
+            "groups, with the layer that feeds it")
+    cur = node.args[0] if node.args else None
+    while isinstance(cur, fx.Node) and cur.op in ("call_module", "call_function", "call_method"):
+        m = _module(gm, cur)
+        if m is not None and is_growable_layer(m):
+            producer = str(cur.target)
+            try:
+                _analyse(gm, producer)
+            except GrowthError as exc:
+                return f"{head}, and '{producer}', which feeds it, cannot grow either ({_reason(str(exc))})"
+            return (f"{head}: widen '{producer}' by {w}, {2 * w}, {3 * w} or another multiple of {w} units and "
+                    f"'{layer}' gains one group of {conv.out_channels // g} output channels per {w} units")
+        if len(cur.all_input_nodes) != 1 or not cur.args or cur.args[0] is not cur.all_input_nodes[0]:
+            break
+        cur = cur.all_input_nodes[0]
+    return f"{head}, and no growable layer feeds it"
+
+
+def _analyse(gm: fx.GraphModule, layer: str, *, grouped: bool = False) -> Site:
+    """The site of ``layer``; ``grouped``: the grouped conv fed by a layer being analysed."""
     nodes = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) == layer]
     if not nodes:
         raise GrowthError(uncalled_reason(gm, layer))
     module = gm.get_submodule(layer)
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
+    if isinstance(module, GroupWidened):
+        module = module.old
+    if not grouped and is_grouped_conv(module) and len(nodes) == 1:
+        raise GrowthError(_grouped_refusal(gm, layer, nodes[0], module))
+    if not grouped and isinstance(module, nn.Conv2d) and module.groups != 1:
         raise GrowthError(f"'{layer}' is a grouped/depthwise conv (groups={module.groups}), whose channels cannot be grown independently")
-    if not is_growable_layer(module):
+    if not grouped and not is_growable_layer(module):
         raise GrowthError(f"'{layer}' is a {type(module).__name__}, not a Linear or Conv2d layer")
     if len(nodes) > 1:
         raise GrowthError(f"'{layer}' is called {len(nodes)} times in the forward (shared weights); growth needs a layer used once")
@@ -406,6 +451,24 @@ def _analyse(gm: fx.GraphModule, layer: str) -> Site:
     _walk_region(gm, site, cur, shape_of(cur) or shape, positions=1)
     if not site.consumers:
         raise GrowthError(f"'{layer}' feeds no linear layer")
+    grouped_consumers = [c for c in site.consumers if is_grouped_conv(gm.get_submodule(c.name))]
+    if grouped_consumers:
+        conv = grouped_consumers[0].name
+        if grouped:
+            raise GrowthError(f"cannot grow '{layer}': its output feeds another grouped conv, {conv} (surgeon grows "
+                              "through one grouped conv)")
+        if len(site.consumers) > 1:
+            others = ", ".join(c.name for c in site.consumers if c.name != conv)
+            raise GrowthError(f"cannot grow '{layer}': its output feeds the grouped conv {conv} and also {others}; "
+                              "growth through a grouped conv needs it to be the only consumer")
+        try:
+            site.grouped = _analyse(gm, conv, grouped=True)
+            m = gm.get_submodule(conv)
+            site.group_width = m.in_channels // m.groups
+        except GrowthError as exc:
+            why = _reason(str(exc))
+            raise GrowthError(f"cannot grow '{layer}': it feeds the grouped conv {conv}, which grows with it, but "
+                              f"{conv}'s output {why.removeprefix('its output ')}") from None
     for consumer in site.consumers:  # its input grows for every call, not only the one reading the layer
         if shared.get(consumer.name, 1) > 1:
             raise GrowthError(f"cannot grow '{layer}': its output feeds {consumer.name}, which is called "
@@ -511,6 +574,12 @@ def _walk_region(gm: fx.GraphModule, site: Site, src: fx.Node, src_shape: tuple[
                 site.consumers.append(Consumer(str(user.target), user, positions))
             else:
                 _walk_region(gm, site, user, shape_of(user) or src_shape, positions)
+            continue
+        if kind == "grouped":
+            if channels_last or len(src_shape) != 4 or positions != 1:
+                raise GrowthError(f"cannot grow '{site.layer}': its output reaches the grouped conv {user.target} "
+                                  "in a form surgeon cannot follow")
+            site.consumers.append(Consumer(str(user.target), user, positions))
             continue
         if kind == "linear":
             m = _module(gm, user)

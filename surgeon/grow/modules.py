@@ -24,6 +24,8 @@ def out_channels(layer: nn.Module) -> int:
 
 
 def in_channels(layer: nn.Module) -> int:
+    if isinstance(layer, GroupWidened):
+        return in_channels(layer.old) + in_channels(layer.new)
     if isinstance(layer, Widened):
         return in_channels(layer.old)
     if isinstance(layer, nn.Linear):
@@ -52,6 +54,23 @@ class Widened(nn.Module):
 
     def extra_repr(self) -> str:
         return "" if self.dim == 1 else f"dim={self.dim}"
+
+
+class GroupWidened(Widened):
+    """A grouped conv grown by whole groups: its input gained channels at the end (``split`` is
+    where they start), which only the ``new`` grouped conv reads; its new output channels follow the
+    old ones. The pretrained groups see exactly their old inputs. ``split`` is a plain attribute,
+    like ``dim``: a rebuild gets it from replaying the recipe."""
+
+    def __init__(self, old: nn.Conv2d, new: nn.Conv2d, split: int) -> None:
+        super().__init__(old, new, dim=1)
+        self.split = split
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.old(x[:, : self.split]), self.new(x[:, self.split:])], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"split={self.split}"
 
 
 class SplitBatchNorm(nn.Module):
@@ -115,4 +134,4 @@ class ExtendedConv2d(_ExtendedInput, nn.Conv2d):
         return self._conv_forward(x, self.full_weight(), self.bias)
 
 
-SURGEON_LEAF_MODULES: tuple[type[nn.Module], ...] = (Widened, SplitBatchNorm, ExtendedLinear, ExtendedConv2d)
+SURGEON_LEAF_MODULES: tuple[type[nn.Module], ...] = (Widened, GroupWidened, SplitBatchNorm, ExtendedLinear, ExtendedConv2d)

@@ -19,7 +19,7 @@ from surgeon.grow import init as winit
 from surgeon.grow.analysis import (Site, find_site, head_name, head_problem, propagate_shapes, shape_of, suggest,
                                    uncalled_reason)
 from surgeon.grow.grownorm import GrowNorm
-from surgeon.grow.modules import ExtendedConv2d, ExtendedLinear, SplitBatchNorm, Widened, in_channels
+from surgeon.grow.modules import ExtendedConv2d, ExtendedLinear, GroupWidened, SplitBatchNorm, Widened, in_channels
 from surgeon.grow.recipe import GrowStep, HeadStep, Step
 
 
@@ -207,22 +207,81 @@ def widen(gm: fx.GraphModule, step: GrowStep, state: GrowthState) -> Site:
     if isinstance(layer, Widened) or site.grown_norm:
         raise GrowthError(f"'{site.layer}' is already widened; widen it once with the total number of units")
     k, c = step.units, site.channels
+    if site.grouped is not None:
+        return _widen_into_grouped(gm, site, layer, step, state)
     mapping = winit.copy_mapping(c, k) if step.init == "net2net" else None
     shares = winit.split_shares(c, mapping) if mapping is not None else None
 
     gm.set_submodule(site.layer, Widened(layer, _new_branch(layer, k, step.init, mapping), dim=site.axis))
+    _split_batchnorms(gm, site, k, mapping)
+    _extend_consumers(gm, site, k, step, state, mapping, shares)
+    _add_norm(gm, site, c, k, step, state)
+    state.grown.append(site.layer)
+    return site
+
+
+def _split_batchnorms(gm: fx.GraphModule, site: Site, k: int, mapping: torch.Tensor | None) -> None:
     for bn_name in site.batchnorms:
         bn = gm.get_submodule(bn_name)
         gm.set_submodule(bn_name, SplitBatchNorm(bn, _new_batchnorm(bn, k, mapping)))
+
+
+def _extend_consumers(gm: fx.GraphModule, site: Site, k: int, step: GrowStep, state: GrowthState,
+                      mapping: torch.Tensor | None, shares: tuple[torch.Tensor, torch.Tensor] | None) -> None:
     for consumer in site.consumers:
         m = gm.get_submodule(consumer.name)
         fresh = consumer.name in state.fresh
         gm.set_submodule(consumer.name, _extend_input(m, k, consumer.positions, step.init, mapping, shares, fresh))
+
+
+def _add_norm(gm: fx.GraphModule, site: Site, c: int, k: int, step: GrowStep, state: GrowthState,
+              named: str | None = None) -> None:
     if step.norm:
-        name = _unique_name(gm, site.layer.replace(".", "_") + "_norm")
+        name = _unique_name(gm, (named or site.layer).replace(".", "_") + "_norm")
         gm.add_submodule(name, GrowNorm((c, k), eps=step.eps, gamma_init=step.gamma_init, role="wide", axis=site.axis))
         _insert_after(gm, site.norm_after, name)
         state.norms.append(name)
+
+
+def _widen_into_grouped(gm: fx.GraphModule, site: Site, layer: nn.Module, step: GrowStep, state: GrowthState) -> Site:
+    """Widen ``layer`` that feeds a grouped conv: its ``k = m·w`` new channels (w: the grouped conv's
+    input channels per group) are the input of ``m`` new groups of the grouped conv, whose
+    ``m·(out/g)`` new output channels go through its BatchNorm/activation to its consumers (new input
+    columns). The new groups read only new channels, so old and new first meet in those consumers:
+    the one GrowNorm goes after the grouped conv's chain. net2net copies whole groups: new group j
+    copies old group src[j] (the layer's channels feeding it, their BatchNorm, the group's filters),
+    and the consumers' columns for the group's outputs are split between it and its copies."""
+    sub = site.grouped
+    assert sub is not None
+    conv = gm.get_submodule(sub.layer)
+    k, w, g = step.units, site.group_width, conv.groups
+    if k % w:
+        raise GrowthError(
+            f"cannot grow '{site.layer}' by {k} units: its output feeds the grouped conv {sub.layer} (groups={g}, "
+            f"{w} input channels per group), which grows by whole groups; use --units {w}, {2 * w}, {3 * w} or "
+            f"another multiple of {w}")
+    m, w_out = k // w, conv.out_channels // g
+    k2 = m * w_out
+    mapping = mapping2 = shares2 = None
+    if step.init == "net2net":
+        src = winit.copy_mapping(g, m)
+        mapping = (src[:, None] * w + torch.arange(w)).flatten()
+        mapping2 = (src[:, None] * w_out + torch.arange(w_out)).flatten()
+        shares2 = winit.split_shares(sub.channels, mapping2)
+
+    gm.set_submodule(site.layer, Widened(layer, _new_branch(layer, k, step.init, mapping), dim=1))
+    _split_batchnorms(gm, site, k, mapping)
+    new = nn.Conv2d(k, k2, conv.kernel_size, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                    groups=m, bias=conv.bias is not None, padding_mode=conv.padding_mode).to(dtype=conv.weight.dtype)
+    if mapping2 is not None:
+        with torch.no_grad():
+            new.weight.copy_(conv.weight.detach()[mapping2])
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias.detach()[mapping2])
+    gm.set_submodule(sub.layer, GroupWidened(conv, new, split=site.channels))
+    _split_batchnorms(gm, sub, k2, mapping2)
+    _extend_consumers(gm, sub, k2, step, state, mapping2, shares2)
+    _add_norm(gm, sub, sub.channels, k2, step, state, named=site.layer)
     state.grown.append(site.layer)
     return site
 

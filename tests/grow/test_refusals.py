@@ -74,6 +74,29 @@ def test_depthwise_conv(mobilenet):
     _check_suggestions(mobilenet, msg)
 
 
+@pytest.fixture(scope="module")
+def resnext():
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    torch.manual_seed(0)  # resnext50_32x4d's structure, reduced: groups=4 of 4·2^i channels
+    return ResNet(Bottleneck, [1, 1, 1, 1], groups=4, width_per_group=4, num_classes=10).eval()
+
+
+def test_grouped_conv_names_its_feeder_and_the_valid_unit_counts(resnext):
+    msg = refuse(resnext, [GrowStep("wide", "layer3.0.conv2", 16)])
+    assert "'layer3.0.conv2' is a grouped conv (groups=4, 16 input channels per group)" in msg
+    assert "widen 'layer3.0.conv1' by 16, 32, 48 or another multiple of 16 units" in msg
+    assert "growable layers" in msg
+    _check_suggestions(resnext, msg)
+
+
+@pytest.mark.parametrize("units", [4, 20])
+def test_layer_feeding_a_grouped_conv_grows_by_whole_groups_only(resnext, units):
+    msg = refuse(resnext, [GrowStep("wide", "layer3.0.conv1", units)])
+    assert f"cannot grow 'layer3.0.conv1' by {units} units" in msg and "grouped conv layer3.0.conv2" in msg
+    assert "use --units 16, 32, 48 or another multiple of 16" in msg
+
+
 def test_layer_feeding_a_depthwise_conv(mobilenet):
     # features.4.block.0.0 (1x1 expand conv) feeds the depthwise conv of the same block
     msg = refuse(mobilenet, [GrowStep("wide", "features.4.block.0.0", 8)])
