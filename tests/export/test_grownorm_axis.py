@@ -355,3 +355,24 @@ def test_merge_parallel_on_token_branches():
             assert not result.changed
         out, _ = PassManager([("merge-parallel", merge_parallel), ("fold-gamma", fold_gamma)]).run(lean)
         assert _ort_vs_torch(model, out.to_proto()) <= 1e-5, dim
+
+
+@pytest.mark.parametrize("shape, groups, axis", [((3, 160), (128, 32), 1), ((2, 5, 96), (64, 16, 16), -1),
+                                                  ((2, 5, 200), (192, 8), -1), ((2, 48, 1, 1), (40, 8), 1),
+                                                  ((2, 6, 66), (64, 2), -1)])
+def test_channel_blocks_where_each_row_holds_one_position(shape, groups, axis):
+    """Where S = 1 the body works on blocks of f channels (a power of two dividing every group,
+    here 32, 16, 8, 8 and 2): numbers as the float64 reference, in ONNX Runtime and onnx's evaluator."""
+    C = sum(groups)
+    rng = np.random.default_rng(C)
+    x = rng.normal(size=shape).astype(np.float32)
+    second = slice(groups[0], groups[0] + groups[1])
+    x[(0, second) if axis == 1 else (0, Ellipsis, second)] = 0  # an all-zero group in one sample
+    g = (rng.random(C) * 3 + 0.5).astype(np.float32)
+    model = single_node_model(shape, groups, axis)
+    onnx.checker.check_model(model)
+    want = reference(x, groups, g, axis=axis)
+    feeds = {"X": x, "g": g}
+    got_ort, got_ref = run_ort(model, feeds), run_reference(model, feeds)
+    assert rel_err(got_ort, want) <= 1e-6 and rel_err(got_ref, want) <= 1e-6
+    assert np.isfinite(got_ort).all()
