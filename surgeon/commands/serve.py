@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from surgeon.commands.common import CONTEXT, friendly_errors
-
-MAX_IMAGE_PIXELS = 64_000_000  # = surgeon.runtime.serve.MAX_IMAGE_PIXELS (not imported: --help needs no numpy)
+from surgeon.imageio import DEFAULT_MAX_IMAGE_PIXELS as MAX_IMAGE_PIXELS  # not runtime.serve: that imports PyTriton
 
 _BACKEND = click.Choice(["auto", "ort-cpu", "ort-cuda", "ort-trt", "trt", "torch"])
 

@@ -52,11 +52,13 @@ from typing import Any
 import numpy as np
 
 from surgeon.errors import SurgeonError
+from surgeon.imageio import DEFAULT_MAX_IMAGE_PIXELS, to_rgb
 from surgeon.runtime.serve_proxy import Limits, Proxy, ProxyThread
 
 LOG = logging.getLogger("surgeon.serve")
 ERROR_OUTPUT = "surgeon_error"
-MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: a larger image is refused before decoding
+# decompression-bomb guard: a larger image is refused before decoding (the same default everywhere)
+MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
 JSON_BYTES_PER_VALUE = 32  # one FP32 value as KServe JSON text ("-0.0012345678901234567, ") with room to spare
 REQUEST_OVERHEAD = 64 << 10  # what surrounds the data in a request: names, datatype, shape, parameters
 
@@ -209,7 +211,7 @@ class Handlers:
                 if im.width * im.height > self.max_image_pixels:
                     raise BadRequest(f"image of {im.width}x{im.height} pixels is over the limit of "
                                      f"{self.max_image_pixels}")
-                rgb = im.convert("RGB")
+                rgb = to_rgb(im)  # the one decoding rule: 16-bit and float images scaled, not clipped
         except BadRequest:
             raise
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:

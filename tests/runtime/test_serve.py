@@ -437,3 +437,13 @@ def test_zz_sigterm_stops_cleanly(server):
     for p in (server.port, server.port + 1, server.port + 2):
         with socket.socket() as s:
             s.connect_ex(("127.0.0.1", p)) != 0 or pytest.fail(f"port {p} still accepts connections")
+
+
+def test_the_image_model_scales_16_bit_images_instead_of_clipping_them(session):
+    from surgeon.runtime.serve import Handlers
+
+    grey8 = np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(buf, "PNG")  # the same picture at 16 bits
+    handlers = Handlers(session, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS)
+    np.testing.assert_array_equal(handlers.decode(buf.getvalue()), handlers.decode(_png(grey8)))
