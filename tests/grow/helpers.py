@@ -25,14 +25,16 @@ def digitnet(seed: int = 0) -> nn.Module:
 
 
 def randomize_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial affine parameters and running statistics ("pretrained-like")."""
+    """Give every BatchNorm non-trivial affine parameters and running statistics, where it has them
+    ("pretrained-like")."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                if m.track_running_stats:
+                    m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                    m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
                 if m.affine:
                     m.weight.copy_(torch.rand(n, generator=g) + 0.5)
                     m.bias.copy_(torch.randn(n, generator=g) * 0.2)
@@ -73,3 +75,19 @@ def grownorm_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, size, size, generator=g)
+
+
+def save_grown(path, gm: fx.GraphModule, steps, spec: str, size: int, classes=("a", "b", "c", "d")):
+    """Give each GrowNorm non-trivial learned scales (as after training) and save ``gm`` as a surgeon
+    checkpoint whose architecture is ``spec`` (a ``module:factory`` the rebuild imports)."""
+    from surgeon.checkpoint import Checkpoint, save_checkpoint
+    from surgeon.preprocessing import Preprocessing
+
+    with torch.no_grad():
+        for m in gm.modules():
+            if isinstance(m, GrowNorm):
+                m.gamma.uniform_(0.5, 3.0)
+    gm.eval()
+    return save_checkpoint(path, Checkpoint(
+        model=spec, weights="none", recipe=steps, classes=list(classes),
+        preprocessing=Preprocessing(input_size=size, resize=size), state_dict=gm.state_dict()))

@@ -26,7 +26,7 @@ from surgeon.grow.modules import ExtendedLinear, Widened, in_channels, out_chann
 from surgeon.grow.ops import GrowthState, apply_steps
 from surgeon.grow.recipe import GrowStep, HeadStep
 
-from tests.grow.helpers import Capture, grow, images
+from tests.grow.helpers import Capture, grow, images, save_grown
 
 SIZE = 32
 UNITS = 12
@@ -220,22 +220,12 @@ def test_one_finetuning_step_trains_new_units(family):
 # --- checkpoint, export, TensorRT-RTX -------------------------------------------------------------
 
 def _checkpoint(tmp_path, name: str, init: str = "random"):
-    from surgeon.checkpoint import Checkpoint, save_checkpoint
-    from surgeon.preprocessing import Preprocessing
-
     build, layer, _, _ = FAMILIES[name]
     steps = [HeadStep(classes=4), GrowStep("wide", layer, UNITS, init=init)]
     torch.manual_seed(1)
     gm = trace(_seeded(build))
     apply_steps(gm, steps, GrowthState(input_size=SIZE))
-    with torch.no_grad():  # non-trivial learned scales, as after training
-        for m in gm.modules():
-            if isinstance(m, GrowNorm):
-                m.gamma.uniform_(0.5, 3.0)
-    gm.eval()
-    path = save_checkpoint(tmp_path / "grown.pt", Checkpoint(
-        model=f"tests.grow.test_mlp_growth:make_{name}", weights="none", recipe=steps, classes=["a", "b", "c", "d"],
-        preprocessing=Preprocessing(input_size=SIZE, resize=SIZE), state_dict=gm.state_dict()))
+    path = save_grown(tmp_path / "grown.pt", gm, steps, f"tests.grow.test_mlp_growth:make_{name}", SIZE)
     return path, gm
 
 

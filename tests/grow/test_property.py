@@ -42,6 +42,8 @@ from surgeon.grow.gamma import calibrate_gamma
 from surgeon.grow.ops import GrowthState, apply_steps
 from surgeon.grow.recipe import GrowStep, HeadStep
 
+from tests.grow.helpers import randomize_batchnorms
+
 
 # ---------------------------------------------------------------------------------------------
 # Random architectures. The spec is a list of plain tuples made from a seed, so the checkpoint
@@ -289,22 +291,6 @@ class RandomNet(nn.Module):
         return x
 
 
-def pretrained_like(model: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial BatchNorm statistics and affine parameters (where the BatchNorm has them)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                if m.track_running_stats:
-                    m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                    m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                if m.affine:
-                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-    return model
-
-
 def build_net(seed: int) -> RandomNet:
     return RandomNet(make_spec(seed))
 
@@ -404,7 +390,7 @@ def run_case(seed: int, export: bool = False, tmp_path=None) -> Outcome:
     spec = make_spec(seed)
     size = spec["size"]
     torch.manual_seed(seed)
-    base = pretrained_like(RandomNet(spec), seed).eval()
+    base = randomize_batchnorms(RandomNet(spec), seed).eval()
     x = _images(4, size, seed)
     with torch.no_grad():
         ref = base(x)  # the generator's models always run
