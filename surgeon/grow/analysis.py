@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from surgeon.errors import GrowthError
+from surgeon.errors import GrowthError, first_line
 from surgeon.grow.grownorm import GrowNorm
 from surgeon.grow.modules import SURGEON_LEAF_MODULES, GroupWidened, SplitBatchNorm, Widened
 
@@ -142,9 +142,7 @@ def propagate_shapes(gm: fx.GraphModule, input_size: int) -> None:
     except Exception as exc:
         for node in gm.graph.nodes:  # no stale half-propagated shapes: the next analysis re-runs this one
             node.meta.pop("tensor_meta", None)
-        cause = exc.__cause__ or exc
-        text = str(cause).strip()
-        first = text.splitlines()[0][:300] if text else type(cause).__name__
+        first = first_line(exc.__cause__ or exc)[:300]
         raise GrowthError(f"the model does not run on a 3x{input_size}x{input_size} image ({first}); check --input-size") from exc
     finally:
         gm.train(was_training)

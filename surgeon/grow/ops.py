@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from surgeon.errors import GrowthError
+from surgeon.errors import GrowthError, first_line
 from surgeon.grow import analysis
 from surgeon.grow import init as winit
 from surgeon.grow.analysis import (Site, find_site, head_name, head_problem, propagate_shapes, shape_of, suggest,
@@ -56,8 +56,7 @@ def apply_steps(gm: fx.GraphModule, steps: list[Step], state: GrowthState) -> Gr
                 propagate_shapes(gm, state.input_size)
             except GrowthError as exc:  # the analysis let through an edit that breaks the model
                 inner = exc.__cause__ or exc
-                lines = str(inner.__cause__ or inner).strip().splitlines()
-                why = lines[0][:300] if lines else type(inner).__name__
+                why = first_line(inner.__cause__ or inner)[:300]
                 raise GrowthError(f"{_describe(step)} gave a model that does not run ({why}); the model is left "
                                   "as it was; this is a surgeon bug, please report it") from exc
         except BaseException:
