@@ -52,10 +52,12 @@ def checkpoint(path: Path, arch: str, layer: str, units: int, norm: bool) -> Pat
     return path
 
 
-def session(path: Path, threads: int) -> ort.InferenceSession:
+def session(model: Path | bytes, threads: int) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session of a file or of serialized model bytes."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
+                                providers=["CPUExecutionProvider"])
 
 
 def timed(sess: ort.InferenceSession, x: np.ndarray, n: int) -> float:
@@ -63,6 +65,20 @@ def timed(sess: ort.InferenceSession, x: np.ndarray, n: int) -> float:
     for _ in range(n):
         sess.run(None, {"images": x})
     return (time.perf_counter() - t0) / n
+
+
+def interleaved_medians(sessions: dict[str, ort.InferenceSession], x: np.ndarray, rounds: int,
+                        reps: int) -> dict[str, float]:
+    """Median seconds per run of each session on ``x``: warmed up, then ``rounds`` rounds alternating
+    the order (A B, B A, ...) so drift on a shared machine hits every side alike."""
+    for s in sessions.values():
+        timed(s, x, 2)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for r in range(rounds):
+        order = list(sessions) if r % 2 == 0 else list(sessions)[::-1]
+        for k in order:
+            times[k].append(timed(sessions[k], x, reps))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -86,15 +102,7 @@ def main() -> None:
             sessions = {k: session(p, args.threads) for k, p in files.items()}
             for batch in args.batches:
                 x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
-                reps = max(1, 16 // batch)
-                for s in sessions.values():
-                    timed(s, x, 2)
-                times: dict[str, list[float]] = {k: [] for k in sessions}
-                for r in range(args.rounds):
-                    order = list(sessions) if r % 2 == 0 else list(sessions)[::-1]
-                    for k in order:
-                        times[k].append(timed(sessions[k], x, reps))
-                med = {k: statistics.median(v) for k, v in times.items()}
+                med = interleaved_medians(sessions, x, args.rounds, reps=max(1, 16 // batch))
                 row = {"case": label, "batch": batch, **{f"{k}_ms": 1e3 * v for k, v in med.items()},
                        "folded_over_plain": med["folded"] / med["plain"],
                        "unfolded_over_folded": med["unfolded"] / med["folded"]}

@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 from torch import nn
+
+from onnx_latency import interleaved_medians, session  # the sibling script (benchmarks/ is on sys.path)
 
 from surgeon.export.onnx_export import BatchRange, op_counts, to_onnx
 from surgeon.export.passes import PassManager, default_passes
@@ -85,18 +85,6 @@ def export(model: nn.Module, manager: PassManager) -> tuple[bytes, dict, dict, l
     return lean.to_proto().SerializeToString(), before, op_counts(lean), stages
 
 
-def session(model: bytes, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-
-
-def timed(sess: ort.InferenceSession, x: np.ndarray, n: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(n):
-        sess.run(None, {"images": x})
-    return (time.perf_counter() - t0) / n
-
 
 def grownorm_share(model: bytes, x: np.ndarray, threads: int, runs: int = 5) -> tuple[float, float]:
     """(ms per run in GrowNorm's inlined function nodes, ms per run in all nodes), from ORT's profiler."""
@@ -139,15 +127,7 @@ def main() -> None:
     rows = []
     for batch in args.batches:
         x = np.random.default_rng(0).standard_normal((batch, 3, SIZE, SIZE), dtype=np.float32)
-        reps = max(1, 8 // batch)
-        for s in sessions.values():
-            timed(s, x, 2)
-        times: dict[str, list[float]] = {k: [] for k in sessions}
-        for r in range(args.rounds):
-            order = list(sessions) if r % 2 == 0 else list(sessions)[::-1]   # A B, B A, ...
-            for k in order:
-                times[k].append(timed(sessions[k], x, reps))
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = interleaved_medians(sessions, x, args.rounds, reps=max(1, 8 // batch))
         row = {"case": "ViT-B/16 last MLP 3072+768, 197 tokens", "batch": batch,
                **{f"{k}_ms": 1e3 * v for k, v in med.items()},
                "folded_over_plain": med["folded"] / med["plain"],
