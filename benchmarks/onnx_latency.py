@@ -81,13 +81,18 @@ def interleaved_medians(sessions: dict[str, ort.InferenceSession], x: np.ndarray
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+def latency_parser(doc: str, rounds: int, batches: list[int]) -> argparse.ArgumentParser:
+    """The options every ONNX Runtime latency script takes: --rounds, --batches, --threads, --json."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--batches", type=int, nargs="+", default=batches)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = latency_parser(__doc__, 15, [1, 32]).parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)

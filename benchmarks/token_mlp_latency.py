@@ -20,7 +20,6 @@ inlined function.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from onnx_latency import interleaved_medians, session  # the sibling script (benchmarks/ is on sys.path)
+from onnx_latency import interleaved_medians, latency_parser, session  # the sibling script (benchmarks/ is on sys.path)
 
 from surgeon.export.onnx_export import BatchRange, op_counts, to_onnx
 from surgeon.export.passes import PassManager, default_passes
@@ -105,12 +104,7 @@ def grownorm_share(model: bytes, x: np.ndarray, threads: int, runs: int = 5) -> 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=21)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    args = latency_parser(__doc__, 21, [1, 8]).parse_args()
     torch.manual_seed(0)
     grown = GrownMLP()
     with torch.no_grad():

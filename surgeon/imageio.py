@@ -32,10 +32,8 @@ import numpy as np
 from PIL import Image
 
 from surgeon.errors import DataError
+from surgeon.spec import DEFAULT_MAX_IMAGE_PIXELS  # noqa: F401  (re-exported: the cap lives with the CLI's plain values)
 
-# Decoded-pixel cap for predict, serve and training data. 64 M pixels is ~190 MB as RGB: any photo
-# (a 50 MP camera is 8688x5792) passes, a 12000x12000 decompression bomb does not.
-DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
 ImageSource = Union[str, "os.PathLike[str]", IO[bytes]]
 

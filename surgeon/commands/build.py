@@ -8,18 +8,19 @@ from pathlib import Path
 import click
 
 from surgeon.commands.common import CONTEXT, friendly_errors
+from surgeon.spec import BUILDERS, PLUGIN_CHOICES, PRECISIONS, BatchRange
 
 
 def engine_options(fn):
     """Options every engine build takes (``surgeon build`` and ``surgeon export --trt``)."""
     options = [
-        click.option("--plugin", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+        click.option("--plugin", type=click.Choice(PLUGIN_CHOICES), default="auto", show_default=True,
                      help="GrowNorm as the surgeon::GrowNorm plugin (auto: where TensorRT can load it; on: required; "
                           "off: the model's ONNX function)."),
         click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
                      help="TensorRT timing cache file, reused and updated across builds."),
         click.option("--workspace", "workspace_mb", type=int, default=None, help="Builder workspace limit in MB."),
-        click.option("--builder", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]), default="auto", show_default=True,
+        click.option("--builder", type=click.Choice(BUILDERS), default="auto", show_default=True,
                      help="auto: TensorRT with a CUDA GPU, else TensorRT-RTX (CPU-only, ahead of time)."),
     ]
     for option in reversed(options):
@@ -43,8 +44,8 @@ def print_engine_report(report, report_path: str | None = None) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Engine file to write [default: MODEL with the suffix .engine].")
 @click.option("--batch", "batch_range", default=None,
-              help="MIN:OPT:MAX batch sizes of the optimization profile [default: recorded at export, else 1:8:64].")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
+              help=f"MIN:OPT:MAX batch sizes of the optimization profile [default: recorded at export, else {BatchRange()}].")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="Expected precision; TensorRT networks are strongly typed, so it must match the graph's.")
 @engine_options
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the build report as JSON.")
@@ -59,7 +60,6 @@ def build(model: str, output: str | None, batch_range: str | None, precision: st
     Example:
       surgeon build runs/wide/model.onnx --batch 1:8:32 --timing-cache ~/.cache/surgeon.timing
     """
-    from surgeon.export.onnx_export import BatchRange
     from surgeon.trt.build import build_engine
 
     result = build_engine(model, output, batch=BatchRange.parse(batch_range) if batch_range else None,

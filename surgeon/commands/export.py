@@ -10,6 +10,7 @@ import click
 
 from surgeon.commands.build import engine_options, engine_paths, print_engine_report
 from surgeon.commands.common import CONTEXT, friendly_errors
+from surgeon.spec import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS, BatchRange
 
 
 def _print_checks(checks) -> None:
@@ -35,12 +36,12 @@ def _print_passes(passes: list[dict]) -> None:
 @click.argument("grown", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="ONNX file to write [default: model.onnx next to GROWN].")
-@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18-23).")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help=f"ONNX opset ({MIN_OPSET}-{MAX_OPSET}).")
 @click.option("--calib", type=click.Path(file_okay=False), default=None,
               help="Folder of real images to verify on, besides random inputs.")
-@click.option("--batch", "batch_range", default="1:8:64", show_default=True,
+@click.option("--batch", "batch_range", default=str(BatchRange()), show_default=True,
               help="MIN:OPT:MAX batch sizes to serve (recorded for engine builds; verified at MIN and up to 5).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=PRECISIONS[0], show_default=True,
               help="fp16: fp16 weights and activations, GrowNorm in fp32, I/O stays fp32 (verified at 1e-2).")
 @click.option("--no-fold", is_flag=True, help="Skip fold-gamma and merge-parallel (keep the grown structure; cleanup still runs).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
@@ -66,7 +67,7 @@ def export(grown: str, output: str | None, opset: int, calib: str | None, batch_
       surgeon export runs/wide/grown.pt --trt --precision fp16 --batch 1:8:32
       surgeon export runs/wide/grown.pt --triton-repo model_repository --triton-name flowers
     """
-    from surgeon.export.onnx_export import BatchRange, export_checkpoint
+    from surgeon.export.onnx_export import export_checkpoint
     from surgeon.fileio import atomic_write_text
 
     triton_model = _triton_model_name(triton_name, grown) if triton_repo else None  # before any write
@@ -126,7 +127,6 @@ def verify(model: str, grown: str, calib: str | None, tolerance: float | None, t
     """
     from surgeon.checkpoint import read_checkpoint
     from surgeon.export.fp16 import FP16_TOLERANCE
-    from surgeon.export.onnx_export import BatchRange
     from surgeon.export.onnx_io import load_onnx
     from surgeon.export.verify import FP32_TOLERANCE, torch_reference
     from surgeon.export.verify import verify as verify_onnx

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 
 import click
 
@@ -12,6 +13,7 @@ from surgeon.grow.recipe import GROW_KINDS, INITS, GrowStep, read_recipe_file
 from surgeon.train.config import TUNE_MODES, FinetuneConfig
 
 _D = FinetuneConfig()
+_STEP = {f.name: f.default for f in fields(GrowStep)}  # a growth step's defaults (init, gamma_init, norm)
 # The options a resumed run takes from the command line; every other setting is the interrupted run's.
 _RESUME_OPTIONS = {"resume", "epochs", "trust_code", "data_root", "quiet"}
 
@@ -48,9 +50,9 @@ def growth_steps(grow: tuple[str, ...], layer: tuple[str, ...], units: tuple[int
 @click.option("--layer", multiple=True, help="The layer to grow (see `surgeon layers`). One per --grow.")
 @click.option("--units", type=int, multiple=True, help="Units to add. One per --grow, or one for all.")
 @click.option("--recipe", type=click.Path(dir_okay=False), help='JSON list of steps, e.g. [{"kind": "wide", "layer": "classifier.3", "units": 1024}].')
-@click.option("--init", type=click.Choice(INITS), default="random", show_default=True, help="New-unit initialisation.")
-@click.option("--gamma-init", default="auto", show_default=True, help="GrowNorm scale init: auto (from a data batch) or a number (ParseNet/SSD use 10-20).")
-@click.option("--norm/--no-norm", default=True, show_default=True, help="Insert GrowNorm after grown layers (without it, random new units learn slowly).")
+@click.option("--init", type=click.Choice(INITS), default=_STEP["init"], show_default=True, help="New-unit initialisation.")
+@click.option("--gamma-init", default=_STEP["gamma_init"], show_default=True, help="GrowNorm scale init: auto (from a data batch) or a number (ParseNet/SSD use 10-20).")
+@click.option("--norm/--no-norm", default=_STEP["norm"], show_default=True, help="Insert GrowNorm after grown layers (without it, random new units learn slowly).")
 @click.option("--tune", type=click.Choice(TUNE_MODES), default=_D.tune, show_default=True,
               help="Pretrained parameters that train: none (new), those from the first grown layer up (top), or all.")
 @click.option("--baseline", is_flag=True, help="Plain fine-tuning with a new head and no growth, for comparison.")

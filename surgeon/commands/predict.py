@@ -8,9 +8,9 @@ import sys
 import click
 
 from surgeon.commands.common import CONTEXT, friendly_errors
-from surgeon.imageio import DEFAULT_MAX_IMAGE_PIXELS
+from surgeon.spec import BACKENDS, DEFAULT_MAX_IMAGE_PIXELS
 
-_BACKEND = click.Choice(["auto", "ort-cpu", "ort-cuda", "ort-trt", "trt", "torch"])
+_BACKEND = click.Choice(BACKENDS)
 
 
 @click.command("predict", context_settings=CONTEXT)

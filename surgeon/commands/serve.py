@@ -5,9 +5,10 @@ from __future__ import annotations
 import click
 
 from surgeon.commands.common import CONTEXT, friendly_errors
-from surgeon.imageio import DEFAULT_MAX_IMAGE_PIXELS as MAX_IMAGE_PIXELS  # not runtime.serve: that imports PyTriton
+from surgeon.spec import BACKENDS
+from surgeon.spec import DEFAULT_MAX_IMAGE_PIXELS as MAX_IMAGE_PIXELS  # not runtime.serve: that imports PyTriton
 
-_BACKEND = click.Choice(["auto", "ort-cpu", "ort-cuda", "ort-trt", "trt", "torch"])
+_BACKEND = click.Choice(BACKENDS)
 
 
 @click.command("serve", context_settings=CONTEXT)

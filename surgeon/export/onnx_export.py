@@ -25,36 +25,9 @@ from surgeon.export import grownorm_op
 from surgeon.export.lean import LeanModel
 from surgeon.export.verify import FP32_TOLERANCE, Verification, torch_reference, verify
 from surgeon.grow.recipe import recipe_to_json
-
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
-MIN_OPSET, MAX_OPSET = 18, 23
-DEFAULT_OPSET = 18
-
-
-@dataclass(frozen=True)
-class BatchRange:
-    """``--batch MIN:OPT:MAX``: the batch sizes the model must serve (an engine's optimization profile)."""
-
-    min: int = 1
-    opt: int = 8
-    max: int = 64
-
-    @classmethod
-    def parse(cls, text: str) -> "BatchRange":
-        try:
-            lo, opt, hi = (int(v) for v in text.split(":"))
-        except ValueError:
-            raise SurgeonError(f"--batch must be MIN:OPT:MAX (three integers, e.g. 1:8:32), got {text!r}") from None
-        if not 1 <= lo <= opt <= hi:
-            raise SurgeonError(f"--batch needs 1 <= MIN <= OPT <= MAX, got {text!r}")
-        return cls(lo, opt, hi)
-
-    def __str__(self) -> str:
-        return f"{self.min}:{self.opt}:{self.max}"
-
-    def verify_batches(self) -> tuple[int, ...]:
-        return tuple(sorted({self.min, min(self.max, max(self.min, 5))}))
+# BatchRange, the names and the opset range live in surgeon.spec (torch-free: trt/ and the CLI import
+# them); re-exported here for callers of the exporter.
+from surgeon.spec import DEFAULT_OPSET, INPUT_NAME, MAX_OPSET, MIN_OPSET, OUTPUT_NAME, PRECISIONS, BatchRange  # noqa: F401
 
 
 @dataclass
@@ -152,7 +125,7 @@ def export_checkpoint(grown: str | Path, output: str | Path | None = None, *, op
     from surgeon.export.passes import default_passes
     from surgeon.export.passes.base import summarize
 
-    if precision not in ("fp32", "fp16"):
+    if precision not in PRECISIONS:
         raise SurgeonError(f"--precision must be fp32 or fp16, got {precision!r}")
     # One copy of the weights all the way: the checkpoint's tensors become the model's parameters (no
     # weight is initialized), the exported graph views them, and a pass that rewrites a tensor frees

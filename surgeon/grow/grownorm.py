@@ -22,8 +22,7 @@ import torch
 from torch import nn
 from torch.overrides import handle_torch_function, has_torch_function
 
-DEFAULT_EPS = 1e-6
-AXES = (1, -1)  # the channel axis: dim 1 ([N, C, ...]) or the last dim ([N, ..., C])
+from surgeon.contract import AXES, DEFAULT_EPS  # the contract's plain values (torch-free), re-exported
 
 
 def _check_groups(groups: Sequence[int]) -> tuple[int, ...]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from surgeon.errors import SurgeonError
-from surgeon.grow.grownorm import DEFAULT_EPS
+from surgeon.contract import DEFAULT_EPS  # not grow.grownorm: that imports torch, and the CLI reads this module
 
 GROW_KINDS = ("wide", "deep")
 INITS = ("random", "net2net", "zero")

@@ -24,8 +24,8 @@ import numpy as np
 
 from surgeon.errors import SurgeonError
 from surgeon.runtime.artifact import Artifact, read_artifact
+from surgeon.spec import BACKENDS
 
-BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "trt", "torch")
 _FOR_KIND = {"onnx": ("ort-cpu", "ort-cuda", "ort-trt"), "engine": ("trt",), "checkpoint": ("torch",)}
 
 

@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from surgeon.errors import SurgeonError
-from surgeon.imageio import DEFAULT_MAX_IMAGE_PIXELS
 from surgeon.grow.recipe import GrowStep, recipe_from_json, recipe_to_json
+from surgeon.spec import DEFAULT_MAX_IMAGE_PIXELS
 
 TUNE_MODES = ("new", "top", "all")
 

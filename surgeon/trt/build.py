@@ -17,15 +17,13 @@ from pathlib import Path
 
 import onnx
 
+from surgeon.contract import DOMAIN, OP_TYPE
 from surgeon.errors import SurgeonError
-from surgeon.export.grownorm_op import DOMAIN, OP_TYPE
-from surgeon.export.onnx_export import BatchRange
 from surgeon.export.onnx_io import load_onnx, model_inputs
 from surgeon.fileio import atomic_write, atomic_write_text
+from surgeon.spec import PLUGIN_CHOICES, BatchRange
 from surgeon.trt.plugin import plugin_status, registered
 from surgeon.trt.toolkit import Toolkit, find_toolkit
-
-PLUGIN_CHOICES = ("auto", "on", "off")
 
 
 @dataclass

@@ -13,8 +13,9 @@ from types import ModuleType
 from typing import Any
 
 from surgeon.errors import SurgeonError
+from surgeon.spec import BUILDERS
 
-CHOICES = ("auto", "tensorrt", "tensorrt-rtx")
+CHOICES = BUILDERS
 INSTALL_HINT = "install `tensorrt` (10.9+, on a machine with a CUDA GPU) or `pip install tensorrt-rtx-cu12` (CPU-only builds)"
 
 
