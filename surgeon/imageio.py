@@ -35,6 +35,9 @@ from surgeon.errors import DataError
 from surgeon.spec import DEFAULT_MAX_IMAGE_PIXELS  # noqa: F401  (re-exported: the cap lives with the CLI's plain values)
 
 
+# File suffixes read as images (folders for training, predict, --calib): torchvision's ImageFolder list.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
 ImageSource = Union[str, "os.PathLike[str]", IO[bytes]]
 
 _UINT16_MAX = 65535

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from surgeon.errors import SurgeonError, first_line
+from surgeon.errors import SurgeonError, first_line, missing_extra
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -19,6 +19,11 @@ def debug_enabled() -> bool:
         return True
     ctx = click.get_current_context(silent=True)
     return bool(ctx and ctx.find_root().params.get("debug"))
+
+
+def _command_name() -> str:
+    ctx = click.get_current_context(silent=True)
+    return ctx.info_name if ctx and ctx.info_name else "this command"
 
 
 def friendly_errors(fn):
@@ -43,6 +48,12 @@ def friendly_errors(fn):
             sys.exit(130)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
+        except ImportError as exc:  # a deploy-only install running a training command
+            extra = missing_extra(exc, f"surgeon {_command_name()}")
+            if extra is None or debug:
+                raise
+            click.echo(f"error: {extra}", err=True)
+            sys.exit(1)
         except MemoryError:
             if debug:
                 raise

@@ -40,7 +40,7 @@ class OrtRunner:
     """An ONNX Runtime (CPU) session that feeds a LeanModel's weights along with the input."""
 
     def __init__(self, model: LeanModel | onnx.ModelProto | str | Path):
-        from surgeon.runtime.backends.ort import open_session
+        from surgeon.onnxrt import open_session
 
         if isinstance(model, onnx.ModelProto):
             model = LeanModel.from_proto(model)
@@ -75,18 +75,17 @@ def _has_external_data(path: Path) -> bool:
 
 
 def _real_images(calib: str, pre: Preprocessing, limit: int = 32) -> torch.Tensor:
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    from surgeon.train.data import eval_transform, open_image
+    from surgeon.imageio import IMAGE_EXTENSIONS, open_image
+    from surgeon.preprocessing import EvalTransform
 
     root = Path(calib)
     if not root.is_dir():
         raise SurgeonError(f"--calib folder {root} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith("."))[:limit]
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))[:limit]
     if not files:
         raise SurgeonError(f"--calib folder {root} holds no images")
-    transform = eval_transform(pre)
-    return torch.stack([transform(open_image(f)) for f in files])
+    transform = EvalTransform(pre)  # what validation in training and the deploy side apply
+    return torch.stack([torch.from_numpy(transform(open_image(f))) for f in files])
 
 
 def input_sets(pre: Preprocessing, calib: str | None, batches: tuple[int, ...] = (1, 5), seed: int = 0,
@@ -150,7 +149,7 @@ def verify(model: LeanModel | onnx.ModelProto | str | Path, reference: Reference
     """Raise SurgeonError (naming ``stage``, ending in ``on_failure``: what it means for the caller)
     unless ONNX Runtime matches the reference within ``tolerance`` of the logits' scale. ``model``: in
     memory, or a file's path (ONNX Runtime reads it, external data too, once checked)."""
-    from surgeon.runtime.backends.ort import ort_errors, ort_message
+    from surgeon.onnxrt import ort_errors, ort_message
 
     runner = OrtRunner(model)
     results = []

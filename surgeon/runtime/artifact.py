@@ -108,7 +108,7 @@ def read_artifact(path: str | Path) -> Artifact:
                               "meta": {**meta, "surgeon.builder": str(build.get("builder", "")),
                                        "surgeon.ahead_of_time": str(bool(build.get("ahead_of_time")))}})
         return art
-    from surgeon.checkpoint import read_checkpoint
+    from surgeon.runtime.backends.torch_eager import read_checkpoint_info  # the one runtime module that imports torch
 
-    ckpt = read_checkpoint(p)
-    return Artifact(p, "checkpoint", list(ckpt.classes), ckpt.preprocessing, meta={"surgeon.base_model": ckpt.model})
+    classes, pre, base_model = read_checkpoint_info(p)
+    return Artifact(p, "checkpoint", classes, pre, meta={"surgeon.base_model": base_model})

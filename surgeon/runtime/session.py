@@ -50,12 +50,9 @@ def _auto_backend(kind: str) -> str:
 
 
 def _has_cuda() -> bool:
-    try:
-        import torch
+    from surgeon import cuda
 
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
+    return cuda.available()
 
 
 class Session:
@@ -114,7 +111,7 @@ class Session:
         from PIL import Image
 
         from surgeon.imageio import open_image, to_rgb
-        from surgeon.train.data import eval_transform
+        from surgeon.preprocessing import EvalTransform
 
         if isinstance(item, np.ndarray) and item.dtype.kind == "f":
             if tuple(item.shape) != self.artifact.input_shape:
@@ -131,8 +128,8 @@ class Session:
             raise SurgeonError(f"cannot make an image of {type(item).__name__}: pass a path, a PIL image, a uint8 array "
                                f"or a preprocessed float array")
         if self._transform is None:
-            self._transform = eval_transform(self.artifact.preprocessing)
-        return self._transform(image).numpy()
+            self._transform = EvalTransform(self.artifact.preprocessing)  # what validation in training applies
+        return self._transform(image)
 
     # -- predictions --------------------------------------------------------------------------------
 
@@ -186,7 +183,7 @@ def image_files(paths: Sequence[str]) -> list[Path]:
     """Files, folders (recursively, image files only) and glob patterns, in the order given."""
     import glob
 
-    from torchvision.datasets.folder import IMG_EXTENSIONS
+    from surgeon.imageio import IMAGE_EXTENSIONS
 
     out: list[Path] = []
     for spec in paths:
@@ -196,7 +193,7 @@ def image_files(paths: Sequence[str]) -> list[Path]:
         for m in matches:
             p = Path(m)
             if p.is_dir():
-                out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS
+                out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
                               and not any(part.startswith(".") for part in f.relative_to(p).parts))
             elif p.exists():
                 out.append(p)

@@ -23,13 +23,14 @@ import torch.utils.data
 import torchvision.datasets
 from PIL import Image
 from torchvision import transforms as T
-from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
+from torchvision.datasets.folder import has_file_allowed_extension, make_dataset
 
 from surgeon import imageio
 from surgeon.errors import DataError
 from surgeon.imageio import DEFAULT_MAX_IMAGE_PIXELS, to_rgb
+from surgeon.imageio import IMAGE_EXTENSIONS as IMG_EXTENSIONS
 from surgeon.log import LOG
-from surgeon.preprocessing import Preprocessing
+from surgeon.preprocessing import EvalTransform, Preprocessing
 
 Transform = Callable[[Any], torch.Tensor]
 
@@ -72,16 +73,24 @@ class DataSplits:
 # Transforms
 
 
+class _AsTensor:
+    """A numpy transform's output as a torch tensor (a class, so data sets holding it pickle)."""
+
+    def __init__(self, transform: Callable[[Any], np.ndarray]) -> None:
+        self.transform = transform
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        return torch.from_numpy(self.transform(img))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.transform!r})"
+
+
 def eval_transform(pre: Preprocessing) -> Transform:
-    """Deterministic preprocessing: the same steps export and runtime apply."""
-    return T.Compose(
-        [
-            T.Resize(pre.resize),
-            T.CenterCrop(pre.input_size),
-            T.ToTensor(),
-            T.Normalize(pre.mean, pre.std),
-        ]
-    )
+    """Deterministic preprocessing (resize, center crop, normalize): :class:`surgeon.preprocessing.EvalTransform`,
+    the one export and the deploy side apply, as a tensor. Bit-identical to torchvision's
+    ``Compose([Resize, CenterCrop, ToTensor, Normalize])``, which this used to be."""
+    return _AsTensor(EvalTransform(pre))
 
 
 def train_transform(pre: Preprocessing, *, flip: bool = True) -> Transform:

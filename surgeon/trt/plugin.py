@@ -6,9 +6,10 @@ The plugin itself (TensorRT's Python plugin API, with an ahead-of-time Triton ke
 
 from __future__ import annotations
 
+from surgeon.contract import OP_TYPE as NAME
+from surgeon.contract import PLUGIN_NAMESPACE as NAMESPACE
+from surgeon.contract import PLUGIN_VERSION as VERSION
 from surgeon.trt.toolkit import Toolkit
-
-NAME, VERSION, NAMESPACE = "GrowNorm", "1", "surgeon"
 
 
 def registered(tk: Toolkit) -> bool:

@@ -47,18 +47,15 @@ def _import(name: str) -> ModuleType | None:
 
 
 def _has_gpu() -> bool:
-    try:
-        import torch
+    from surgeon import cuda
 
-        return torch.cuda.is_available()
-    except Exception:
-        return False
+    return cuda.available()
 
 
 def _gpu_name() -> str:
-    import torch
+    from surgeon import cuda
 
-    return torch.cuda.get_device_name()
+    return cuda.device_name()
 
 
 def find_toolkit(choice: str = "auto") -> Toolkit:

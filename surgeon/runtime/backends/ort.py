@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 
 from surgeon.errors import SurgeonError
+from surgeon.onnxrt import open_session, ort_errors, ort_message  # noqa: F401  (re-exported)
 
 PROVIDERS = {
     "ort-cpu": ["CPUExecutionProvider"],
@@ -24,37 +24,6 @@ def available(backend: str) -> str | None:
 
     missing = PROVIDERS[backend][0] not in ort.get_available_providers()
     return _INSTALL.get(backend, "pip install onnxruntime") if missing else None
-
-
-def ort_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions ONNX Runtime raises for a model or an input it cannot run (its pybind classes)."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-    found = tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
-    return (*found, RuntimeError)
-
-
-def ort_message(exc: BaseException) -> str:
-    """ONNX Runtime's message in one readable line: without its ``[ONNXRuntimeError] : 2 : KIND :``
-    prefix and the C++ source location and failed condition it embeds."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
-    text = re.sub(r"\S*onnxruntime_src/\S+:\d+ .*? was false\. ", "", text)
-    return text[:300]
-
-
-def open_session(source: str | bytes, providers: list[str], threads: int | None = None, what: str = "the model"):
-    """An ONNX Runtime session (quiet logging) or a one-line SurgeonError naming ``what``."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(source, opts, providers=providers)
-    except Exception as exc:
-        raise SurgeonError(f"ONNX Runtime cannot load {what}: {ort_message(exc)}") from None
 
 
 class OrtRunner:

@@ -7,11 +7,30 @@ from pathlib import Path
 import numpy as np
 
 
+def _torch(what: str):
+    try:
+        import torch
+    except ImportError as exc:
+        from surgeon.errors import missing_extra
+
+        raise (missing_extra(exc, what) or exc) from None
+    return torch
+
+
+def read_checkpoint_info(path: Path):
+    """What a ``grown.pt`` says about itself: (classes, preprocessing, base model spec)."""
+    _torch(f"reading the checkpoint {path.name}")
+    from surgeon.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    return list(ckpt.classes), ckpt.preprocessing, ckpt.model
+
+
 class TorchRunner:
     """Eval-mode model under ``torch.inference_mode``; forward passes may run from several threads."""
 
     def __init__(self, path: Path, device: str | None = None, trust_code: bool = False):
-        import torch
+        torch = _torch(f"the torch backend ({path.name})")
 
         from surgeon.checkpoint import read_checkpoint
 
