@@ -29,7 +29,7 @@ def time_layers(name: str, meta: bool) -> tuple[dict[str, float], list, bool]:
     """Seconds per stage of `surgeon layers --model torchvision:NAME --weights none`, the rows, and
     whether the meta device was used (``meta``: tried first, as the command does)."""
     from surgeon.grow.analysis import layer_table, propagate_shapes, trace
-    from surgeon.zoo import open_model
+    from surgeon.source import open_model
 
     times: dict[str, float] = {k: 0.0 for k in STAGES}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-import surgeon.zoo
+import surgeon.source
 from surgeon.cli import cli
 
 
@@ -14,7 +14,7 @@ def _boom(*args, **kwargs):
 
 
 def test_an_unexpected_exception_is_one_line_with_exit_2(monkeypatch):
-    monkeypatch.setattr(surgeon.zoo, "open_model", _boom)
+    monkeypatch.setattr(surgeon.source, "open_model", _boom)
     res = CliRunner().invoke(cli, ["layers", "--model", "surgeon:digitnet"])
     assert res.exit_code == 2
     assert res.stderr.startswith("error: RuntimeError: something nobody checked (this is a surgeon bug")
@@ -23,7 +23,7 @@ def test_an_unexpected_exception_is_one_line_with_exit_2(monkeypatch):
 
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_debug_shows_the_traceback(monkeypatch, how):
-    monkeypatch.setattr(surgeon.zoo, "open_model", _boom)
+    monkeypatch.setattr(surgeon.source, "open_model", _boom)
     args = ["layers", "--model", "surgeon:digitnet"]
     if how == "flag":
         args = ["--debug", *args]

@@ -20,7 +20,7 @@ def analysed_layers(model_spec: str, weights: str, input_size: int | None, *, tr
     models) and shapes propagated without computing a forward pass. A model that does not build,
     trace or run there (a tensor made on the CPU inside its forward, say) is analysed as usual."""
     from surgeon.grow.analysis import layer_table, propagate_shapes, trace
-    from surgeon.zoo import is_checkpoint_spec, open_model
+    from surgeon.source import is_checkpoint_spec, open_model
 
     try_meta = weights.lower() == "none" and not is_checkpoint_spec(model_spec)
     for meta in (True, False) if try_meta else (False,):

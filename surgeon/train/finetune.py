@@ -91,7 +91,7 @@ def _load_data(config: FinetuneConfig, pre: Preprocessing) -> DataSplits:
 
 def prepare(config: FinetuneConfig) -> Prepared:
     """Build the base model, load the data, replace the head and apply the growth steps."""
-    from surgeon.zoo import open_model
+    from surgeon.source import open_model
 
     src = open_model(config.model, config.weights, config.input_size, trust_code=config.trust_code)
     gm = trace(src.module)
