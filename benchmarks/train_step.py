@@ -6,7 +6,7 @@ memory changes its speed by several percent on a CPU (seen here: the first of tw
 VGG11s built was 5-10 % slower), so each side is built twice, in the order A B B A, and all four
 models are timed round-robin.
 
-    python benchmarks/train_step.py [--rounds 15] [--steps 5] [--json out.json]
+    python benchmarks/train_step.py [--rounds 15] [--steps 5] [--cases vit effnet ...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,13 +25,19 @@ from surgeon.grow.ops import GrowthState, apply_steps
 from surgeon.grow.recipe import GrowStep, HeadStep
 from surgeon.zoo import build_architecture
 
-CASES = [
-    # (label, architecture, layer, units, input size, batch)
-    ("digitnet fc7 +128", "surgeon:digitnet", "classifier.3", 128, 32, 64),
-    ("digitnet conv features.8 +32", "surgeon:digitnet", "features.8", 32, 32, 64),
-    ("resnet18 layer4.1.conv1 +64", "torchvision:resnet18", "layer4.1.conv1", 64, 224, 8),
-    ("vgg11 classifier.3 (fc7) +1024", "torchvision:vgg11", "classifier.3", 1024, 64, 16),
-]
+CASES = {
+    # name: (label, architecture, layer, units, input size, batch)
+    "digitnet-fc7": ("digitnet fc7 +128", "surgeon:digitnet", "classifier.3", 128, 32, 64),
+    "digitnet-conv": ("digitnet conv features.8 +32", "surgeon:digitnet", "features.8", 32, 32, 64),
+    "resnet18": ("resnet18 layer4.1.conv1 +64", "torchvision:resnet18", "layer4.1.conv1", 64, 224, 8),
+    "vgg11": ("vgg11 classifier.3 (fc7) +1024", "torchvision:vgg11", "classifier.3", 1024, 64, 16),
+    # issue 12 part 5 (not run by default: minutes each on a 2-core CPU)
+    "vit": ("vit_b_16 encoder_layer_11.mlp.0 +768", "torchvision:vit_b_16", "encoder.layers.encoder_layer_11.mlp.0",
+            768, 224, 4),
+    "effnet": ("efficientnet_b0 features.7.0.block.0.0 +1152", "torchvision:efficientnet_b0",
+               "features.7.0.block.0.0", 1152, 224, 8),
+}
+DEFAULT_CASES = ["digitnet-fc7", "digitnet-conv", "resnet18", "vgg11"]
 
 
 def grown(arch: str, layer: str, units: int, size: int, norm: bool) -> torch.nn.Module:
@@ -62,6 +68,7 @@ def timed(step, n: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--cases", nargs="+", choices=list(CASES), default=DEFAULT_CASES)
     ap.add_argument("--steps", type=int, default=5, help="steps per timed block")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
@@ -71,7 +78,7 @@ def main() -> None:
     if args.flush_denormal:
         torch.set_flush_denormal(True)
     results = []
-    for label, arch, layer, units, size, batch in CASES:
+    for label, arch, layer, units, size, batch in (CASES[c] for c in args.cases):
         x = torch.randn(batch, 3, size, size)
         y = torch.randint(0, 10, (batch,))
         a1 = step_fn(grown(arch, layer, units, size, norm=True), x, y)
