@@ -1,5 +1,6 @@
-# surgeon on NVIDIA's TensorRT image: `surgeon serve` (Triton Inference Server through PyTriton),
-# `surgeon build`/`export --trt` with full TensorRT, and every other command.
+# surgeon's deploy side on NVIDIA's TensorRT image, without PyTorch: `surgeon serve` (Triton Inference
+# Server through PyTriton), `surgeon build` with full TensorRT, `predict` and `bench` on ONNX files.
+# Growth, fine-tuning and export need the train extra (`$1[trt,serve,train]` below adds 5,677 MiB by pip's RECORD).
 #
 #   docker build -t surgeon .
 #   docker run --rm surgeon                                   # surgeon --help
@@ -42,6 +43,7 @@ RUN python3 -m venv --system-site-packages /opt/venv \
  && pip install --no-cache-dir "$1[trt,serve]" \
  && rm -rf /tmp/wheels \
  && python -c "import tensorrt, pytriton, surgeon.runtime.serve; print('tensorrt', tensorrt.__version__)" \
+ && if python -c "import torch" 2>/dev/null; then echo "the serving image must not carry PyTorch" >&2; exit 1; fi \
  && surgeon serve --help > /dev/null
 
 COPY models/ /opt/surgeon/models/
