@@ -2,6 +2,7 @@
 
 - ``fold-gamma``: move GrowNorm's per-channel scale γ into the next Gemm/MatMul/Conv;
 - ``merge-parallel``: the old and new branches of a widened layer become one op;
+- ``merge-grouped``: grouped (depthwise) convs on consecutive channel slices become one grouped conv;
 - ``cleanup``: constant folding, dead nodes, Identity/Dropout, toposort.
 
 Each pass returns what it changed and, for every candidate it skipped, why. The manager runs them

@@ -135,11 +135,12 @@ class PassManager:
 def default_passes(fold: bool = True) -> PassManager:
     from surgeon.export.passes.cleanup import cleanup
     from surgeon.export.passes.fold_gamma import fold_gamma
+    from surgeon.export.passes.merge_grouped import merge_grouped
     from surgeon.export.passes.merge_parallel import merge_parallel
 
     passes: list[tuple[str, GraphPass]] = [("cleanup", cleanup)]
     if fold:
-        passes += [("fold-gamma", fold_gamma), ("merge-parallel", merge_parallel)]
+        passes += [("fold-gamma", fold_gamma), ("merge-parallel", merge_parallel), ("merge-grouped", merge_grouped)]
     return PassManager(passes)
 
 
