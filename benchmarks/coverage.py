@@ -23,7 +23,7 @@ For the other non-head layers it counts the refusal reasons (layer names and num
 a Markdown table grouped by family and a JSON file; tests/grow/test_coverage.py applies the same
 structural rules.
 
-    python benchmarks/coverage.py [--models NAME,...] [--md coverage.md] [--json coverage.json]
+    python benchmarks/coverage.py [--models NAME,...] [--md build/coverage.md] [--json build/coverage.json] [--readme table.md] [--cold 5]
 """
 
 from __future__ import annotations
@@ -173,14 +173,45 @@ def family_summary(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SHORT = (("residual add", "residual add"), ("product with another tensor", "SE product"), ("a concat", "concat"),
+         ("no growable layer feeds it", "depthwise, no growable feeder"), ("depthwise conv", "depthwise (grows with its feeder)"), ("grouped conv", "grouped (by whole groups, via its feeder)"),
+         ("permute", "permute"), ("LayerNorm", "LayerNorm"), ("no image-dependent input", "image-independent input"),
+         ("chunk", "chunk"), ("reshape", "reshape"), ("not a Linear or Conv2d", "not Linear/Conv2d"))
+
+
+def short_reason(reason: str) -> str:
+    return next((label for key, label in SHORT if key in reason), reason[:40])
+
+
+def readme_table(results: list[dict]) -> str:
+    """The README's table: per family, each model's growable non-head / Linear+Conv2d layers, the
+    last block's sites and whether they grow, and the refusals of the other layers in short."""
+    lines = ["| family | growable non-head / Linear+Conv2d layers | last block's sites, all models (✓ growable), in the first | other layers refused: why (count) |",
+             "|---|---|---|---|"]
+    for fam in FAMILIES:
+        rs = sorted((r for r in results if r["family"] == fam and "error" not in r), key=lambda r: (r["layers"], r["model"]))
+        if not rs:
+            continue
+        counts = ", ".join(f"{r['model']} {r['growable']}/{r['layers']}" for r in rs)
+        blocks = "; ".join(f"{k} {sum(r['last_block'][k]['growable'] for r in rs)}/{len(rs)} {'✓' if all(r['last_block'][k]['growable'] for r in rs) else '✗'}"
+                           f" `{v['layer']}`" for k, v in rs[0]["last_block"].items()) or "—"
+        refused: collections.Counter = collections.Counter()
+        for r in rs:
+            for why, n in r["refused"]:
+                refused[short_reason(why)] += n
+        lines.append(f"| {fam} | {counts} | {blocks} | " + (", ".join(f"{w} ({n})" for w, n in refused.most_common()) or "—") + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     import torch
     import torchvision
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="", help="comma-separated subset (default: all)")
-    ap.add_argument("--md", type=Path, default=None, help="write the Markdown tables here")
-    ap.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
+    ap.add_argument("--md", type=Path, default=Path("build/coverage.md"), help="write the Markdown tables here")
+    ap.add_argument("--json", type=Path, default=Path("build/coverage.json"), help="write the rows as JSON here")
+    ap.add_argument("--readme", type=Path, default=None, help="write the README's coverage table here")
     ap.add_argument("--cold", type=int, default=5, help="the slowest N also run as `python -m surgeon layers` subprocesses")
     args = ap.parse_args()
 
@@ -220,8 +251,13 @@ def main() -> None:
             + f" (torch {summary['torch']}, torchvision {summary['torchvision']}, {summary['threads']} threads, revision {rev})")
     text = head + "\n\n" + family_summary(results) + "\n\n" + markdown(results) + "\n"
     print(text)
+    for out in (args.md, args.json, args.readme):
+        if out:
+            out.parent.mkdir(parents=True, exist_ok=True)
     if args.md:
         args.md.write_text(text)
+    if args.readme:
+        args.readme.write_text(readme_table(results) + "\n")
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "models": results}, indent=1, ensure_ascii=False) + "\n")
 
