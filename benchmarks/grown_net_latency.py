@@ -7,8 +7,13 @@ Both files come from the real pipeline (``onnx_latency.checkpoint``: trace, appl
 PyTorch after export and after every pass):
   folded — grown with GrowNorm, all passes (what ``surgeon export`` writes);
   plain  — the same growth without GrowNorm, all passes: after merge-parallel an ordinary network
-           of the grown widths (ViT: one 768 → 3840 MLP Linear), the cost floor.
-Sessions alternate A B, B A (``onnx_latency.interleaved_medians``); reported: folded ÷ plain
+           of the grown widths (ViT: one 768 → 3840 MLP Linear), the cost floor;
+  native — where merge-parallel leaves the grown structure (EfficientNet-B0: the widened depthwise
+           conv stays two grouped convs), also the architecture built at the grown widths
+           (torchvision's EfficientNet-B0 with expand ratio 12 in its last block: 192 → 2304),
+           same head, through the same export.
+Two sessions per file (created A B B A), alternated A B, B A (``onnx_latency.interleaved_medians``),
+each timed block about ``--block-s`` long, a side's time the mean of its sessions' medians; reported: folded ÷ plain
 (target ≤ 1.03) and, from ONNX Runtime's profiler in a separate session, how much of the folded
 model's node time is GrowNorm's inlined function.
 
@@ -18,6 +23,7 @@ model's node time is GrowNorm's inlined function.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -25,34 +31,62 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import torch
 
-from onnx_latency import checkpoint, interleaved_medians, latency_parser, session  # sibling scripts (benchmarks/ is on sys.path)
+from onnx_latency import checkpoint, interleaved_medians, latency_parser, session, timed  # sibling scripts (benchmarks/ is on sys.path)
 from token_mlp_latency import grownorm_share
 
+from surgeon.checkpoint import Checkpoint, save_checkpoint
 from surgeon.export.onnx_export import export_checkpoint
+from surgeon.preprocessing import Preprocessing
+from surgeon.zoo import build_architecture
 
-# name -> (label, architecture, layer, units)
+CLASSES = 100  # onnx_latency.checkpoint's head
+
+
+def wide_efficientnet_b0():
+    """EfficientNet-B0 built at the grown widths: its last block expands 192 → 2304 (ratio 12, not 6)."""
+    from torchvision.models.efficientnet import EfficientNet, _efficientnet_conf
+
+    setting, last_channel = _efficientnet_conf("efficientnet_b0", width_mult=1.0, depth_mult=1.0)
+    setting[-1].expand_ratio = 12
+    return EfficientNet(setting, 0.2, last_channel=last_channel, num_classes=CLASSES)
+
+
+def native_checkpoint(path: Path, factory: str) -> Path:
+    torch.manual_seed(0)
+    model = build_architecture(factory)
+    save_checkpoint(path, Checkpoint(factory, "none", [], [str(i) for i in range(CLASSES)], Preprocessing(),
+                                     model.state_dict()))
+    return path
+
+
+# name -> (label, architecture, layer, units, factory of the natively wide network or None)
 CASES = {
     "vit": ("ViT-B/16 last MLP encoder_layer_11.mlp.0 +768", "torchvision:vit_b_16",
-            "encoder.layers.encoder_layer_11.mlp.0", 768),
+            "encoder.layers.encoder_layer_11.mlp.0", 768, None),
     "effnet": ("EfficientNet-B0 last expansion features.7.0.block.0.0 +1152", "torchvision:efficientnet_b0",
-               "features.7.0.block.0.0", 1152),
+               "features.7.0.block.0.0", 1152, "grown_net_latency:wide_efficientnet_b0"),
 }
 
 
 def main() -> None:
     ap = latency_parser(__doc__, 11, [1, 8])
     ap.add_argument("--cases", nargs="+", choices=list(CASES), default=["vit"])
+    ap.add_argument("--block-s", type=float, default=0.5, help="seconds per timed block (runs per block from a trial)")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         for name in args.cases:
-            label, arch, layer, units = CASES[name]
+            label, arch, layer, units, native = CASES[name]
             t0 = time.perf_counter()
             files, ops = {}, {}
-            for side, norm in (("folded", True), ("plain", False)):
-                result = export_checkpoint(checkpoint(d / f"{side}.pt", arch, layer, units, norm=norm), d / f"{side}.onnx")
+            sides = [("folded", True), ("plain", False)] + ([("native", None)] if native else [])
+            for side, norm in sides:
+                ckpt = (native_checkpoint(d / f"{side}.pt", native) if norm is None
+                        else checkpoint(d / f"{side}.pt", arch, layer, units, norm=norm))
+                result = export_checkpoint(ckpt, d / f"{side}.onnx", trust_code=norm is None)
                 files[side], ops[side] = result.path, result.ops_after
                 worst = max(c.rel_err for c in result.verifications)
                 print(f"{label} / {side}: {sum(result.ops_after.values())} nodes, GrowNorm nodes {result.grownorm_nodes}, "
@@ -60,17 +94,24 @@ def main() -> None:
             changed = {k: ops["folded"].get(k, 0) - ops["plain"].get(k, 0) for k in set(ops["folded"]) | set(ops["plain"])}
             print(f"  ops folded - plain: {dict(sorted((k, v) for k, v in changed.items() if v))} "
                   f"(exported in {time.perf_counter() - t0:.0f} s)", flush=True)
-            sessions = {k: session(p, args.threads) for k, p in files.items()}
+            # Two sessions per file, created A B C C B A: where a session lands in memory moves its
+            # speed by a few percent here (as train_step.py found for models), so each side's time is
+            # the mean of its two sessions' medians.
+            order = list(files) + list(files)[::-1]
+            sessions = {f"{k}#{i}": session(files[k], args.threads) for i, k in enumerate(order)}
             for batch in args.batches:
                 x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
-                med = interleaved_medians(sessions, x, args.rounds, reps=max(1, 4 // batch))
+                reps = max(1, round(args.block_s / timed(sessions["folded#0"], x, 3)))
+                per_session = interleaved_medians(sessions, x, args.rounds, reps=reps)
+                med = {k: statistics.mean(v for name, v in per_session.items() if name.split("#")[0] == k) for k in files}
                 norm_ms, nodes_ms = grownorm_share(str(files["folded"]), x, args.threads, runs=3)
                 row = {"case": label, "batch": batch, **{f"{k}_ms": 1e3 * v for k, v in med.items()},
-                       "folded_over_plain": med["folded"] / med["plain"],
+                       **{f"folded_over_{k}": med["folded"] / med[k] for k in med if k != "folded"},
                        "folded_grownorm_ms": norm_ms, "folded_nodes_ms": nodes_ms}
                 rows.append(row)
-                print(f"  batch {batch:>2}: folded {1e3 * med['folded']:8.1f} ms  plain {1e3 * med['plain']:8.1f} ms  "
-                      f"folded/plain {row['folded_over_plain']:.3f}   GrowNorm {norm_ms:.2f} of {nodes_ms:.1f} ms in nodes "
+                times = "  ".join(f"{k} {1e3 * v:8.1f} ms" for k, v in med.items())
+                ratios = "  ".join(f"folded/{k} {med['folded'] / med[k]:.3f}" for k in med if k != "folded")
+                print(f"  batch {batch:>2}: {times}  {ratios}   GrowNorm {norm_ms:.2f} of {nodes_ms:.1f} ms in nodes "
                       f"({100 * norm_ms / nodes_ms:.1f}%)", flush=True)
             del sessions
     if args.json:
