@@ -4,15 +4,20 @@ Kept apart from the edits (``surgeon.grow.ops``) that use it. A *site* is a name
 layer, the chain of elementwise ops that follows it (BatchNorm, activations, dropout), and the
 linear ops that finally consume its channels, possibly through pooling and flattening. Growth is
 well defined only when every path from the layer ends in such a consumer; anything else (a residual
-add, a concat, a product with another tensor, a model output, a depthwise conv) is refused with the
-reason.
+add, a concat, a product with another tensor, a model output) is refused with the reason.
 
-A grouped conv (ResNeXt, RegNet: ``groups`` = g, ``w`` > 1 input channels per group) is no growth
-site itself; it grows with the layer that feeds it. Widening that layer by ``k = m·w`` units gives
-the grouped conv ``m`` whole new groups that read exactly the new channels, and its output grows by
+A grouped conv (ResNeXt, RegNet: ``groups`` = g, ``w`` input channels per group) is no growth site
+itself; it grows with the layer that feeds it. Widening that layer by ``k = m·w`` units gives the
+grouped conv ``m`` whole new groups that read exactly the new channels, and its output grows by
 ``m·(out/g)`` channels, which travel on to its own consumers (``Site.grouped``, the grouped conv's
-site). Old and new channels first meet in those consumers, so the one GrowNorm goes after the
-grouped conv's chain (BatchNorm, activation), not after the widened layer's.
+site). A depthwise conv (MobileNet, EfficientNet, MNASNet, ShuffleNetV2, MaxViT's MBConv) is the
+case ``w = 1``: the expansion conv that feeds it grows by any k, and the depthwise conv gets k new
+filters. Old and new channels first meet in the grouped conv's consumers, so the one GrowNorm goes
+after the grouped conv's chain (BatchNorm, activation), not after the widened layer's.
+
+A squeeze-excitation block on the way (``x * gate(x)``, the gate being pool → squeeze → act →
+excite → sigmoid) is followed through: the squeeze is a consumer (new input columns) and the excite
+gains one output per new channel (``Site.excites``), so each new channel gets its own gate.
 
 The channels are on dim 1 (``[N, C]`` features, ``[N, C, H, W]`` maps) except for a Linear applied
 to a rank >= 3 tensor (transformer tokens ``[N, T, C]``, ConvNeXt's channels-last ``[N, H, W, C]``),
@@ -163,8 +168,8 @@ def is_growable_layer(module: nn.Module) -> bool:
 
 
 def is_grouped_conv(module: nn.Module) -> bool:
-    """A grouped, not depthwise, Conv2d: g > 1 groups of more than one input channel each."""
-    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.in_channels // module.groups > 1
+    """A Conv2d of g > 1 groups, grouped (ResNeXt) or depthwise (one input channel per group)."""
+    return isinstance(module, nn.Conv2d) and module.groups > 1
 
 
 def is_linear_op(module: nn.Module) -> bool:
@@ -196,6 +201,7 @@ class Site:
     grown_norm: str | None = None                # a GrowNorm already in the chain (layer was grown)
     grouped: Site | None = None                  # the grouped conv this layer feeds, which grows with it
     group_width: int = 0                         # its input channels per group: units come in multiples
+    excites: list[str] = field(default_factory=list)  # squeeze-excitation layers gaining a gate per new channel
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -276,8 +282,6 @@ def _classify(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> str:
             return f"stop:feeds the grouped conv {node.target}, which was already grown"
         if is_grouped_conv(m):
             return "grouped"
-        if isinstance(m, nn.Conv2d) and m.groups != 1:
-            return f"stop:feeds the grouped/depthwise conv {node.target}"
         if isinstance(m, _CROSS_CHANNEL_NORMS):
             return (f"stop:feeds {node.target} ({type(m).__name__}), which normalizes across the channels "
                     "(old and new units would be mixed)")
@@ -374,8 +378,12 @@ def uncalled_reason(gm: fx.GraphModule, name: str) -> str:
 def _grouped_refusal(gm: fx.GraphModule, layer: str, node: fx.Node, conv: nn.Conv2d) -> str:
     """Why a grouped conv is no growth site, and what to grow instead: the layer that feeds it."""
     w, g = conv.in_channels // conv.groups, conv.groups
-    head = (f"'{layer}' is a grouped conv (groups={g}, {w} input channels per group), which grows only by whole "
-            "groups, with the layer that feeds it")
+    if w == 1:
+        head = (f"'{layer}' is a depthwise conv (groups={g}), which grows with the layer that feeds it (one new "
+                "filter per new channel)")
+    else:
+        head = (f"'{layer}' is a grouped conv (groups={g}, {w} input channels per group), which grows only by whole "
+                "groups, with the layer that feeds it")
     cur = node.args[0] if node.args else None
     while isinstance(cur, fx.Node) and cur.op in ("call_module", "call_function", "call_method"):
         m = _module(gm, cur)
@@ -385,6 +393,8 @@ def _grouped_refusal(gm: fx.GraphModule, layer: str, node: fx.Node, conv: nn.Con
                 _analyse(gm, producer)
             except GrowthError as exc:
                 return f"{head}, and '{producer}', which feeds it, cannot grow either ({_reason(str(exc))})"
+            if w == 1:
+                return f"{head}: widen '{producer}' instead"
             return (f"{head}: widen '{producer}' by {w}, {2 * w}, {3 * w} or another multiple of {w} units and "
                     f"'{layer}' gains one group of {conv.out_channels // g} output channels per {w} units")
         if len(cur.all_input_nodes) != 1 or not cur.args or cur.args[0] is not cur.all_input_nodes[0]:
@@ -558,6 +568,11 @@ def _walk_region(gm: fx.GraphModule, site: Site, src: fx.Node, src_shape: tuple[
     for user in list(src.users):
         if _reads_metadata_only(user):
             continue
+        excite = _excitation(gm, user, src, src_shape) if site.axis == 1 else None
+        if excite is not None:  # x * gate(x): the excite grows a gate per new channel, the product passes them
+            site.excites.append(excite)
+            _walk_region(gm, site, user, src_shape, positions)
+            continue
         kind = _classify(gm, user, src)
         channels_last = site.axis == -1 and len(src_shape) >= 3  # units on the last dim ([N, C] again at rank 2)
         if channels_last and _is_reshape(user):
@@ -596,6 +611,60 @@ def _walk_region(gm: fx.GraphModule, site: Site, src: fx.Node, src_shape: tuple[
             _walk_region(gm, site, user, out, positions)
             continue
         _walk_region(gm, site, user, shape_of(user) or src_shape, positions)
+
+
+_GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
+_PRODUCTS = {operator.mul, torch.mul}
+
+
+def _is_gate_act(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An elementwise activation on one tensor (the gate's sigmoid, the squeeze's ReLU/SiLU)."""
+    if node.op == "call_module":
+        return isinstance(_module(gm, node), _ACTIVATIONS)
+    if len(node.all_input_nodes) != 1:
+        return False
+    return (node.op == "call_function" and node.target in (*_ACT_FUNCTIONS, *_GATE_FUNCTIONS)) or (
+        node.op == "call_method" and node.target in ("sigmoid", "relu", "relu_"))
+
+
+def _excitation(gm: fx.GraphModule, mul: fx.Node, src: fx.Node, src_shape: tuple[int, ...]) -> str | None:
+    """The excite layer of a squeeze-excitation ``src * gate`` (either order), or None when ``mul``
+    is no such product. The gate must be act(excite(act(squeeze(pool(src))))) with every
+    intermediate read only on that path, the excite a Conv2d/Linear whose outputs are per channel
+    of ``src``, and the product of ``src``'s shape (the gate broadcast over positions)."""
+    is_mul = (mul.op == "call_function" and mul.target in _PRODUCTS) or (mul.op == "call_method" and mul.target == "mul")
+    if not is_mul or len(mul.args) != 2 or mul.kwargs or shape_of(mul) != src_shape:
+        return None
+    a, b = mul.args
+    gate = b if a is src else a if b is src else None
+    if not isinstance(gate, fx.Node) or gate is src:
+        return None
+    cur, excite = gate, None
+    while isinstance(cur, fx.Node) and len(cur.users) == 1:  # back from the gate to the excite
+        if cur.op == "call_module" and is_linear_op(_module(gm, cur)) and not isinstance(_module(gm, cur), Widened):
+            excite = cur
+            break
+        if not _is_gate_act(gm, cur):
+            return None
+        cur = cur.all_input_nodes[0]
+    if excite is None or not excite.args:
+        return None
+    m = _module(gm, excite)
+    out = shape_of(excite)
+    if out is None or len(out) != len(src_shape) or out[1] != src_shape[1] or not is_growable_layer(m):
+        return None
+    cur = excite.args[0]
+    squeezed = False
+    while isinstance(cur, fx.Node) and cur is not src:  # back to src through act, squeeze, pooling
+        if len(cur.users) != 1 or len(cur.all_input_nodes) != 1 or cur.args[0] is not cur.all_input_nodes[0]:
+            return None
+        mod = _module(gm, cur)
+        if not squeezed and mod is not None and is_linear_op(mod) and not isinstance(mod, Widened):
+            squeezed = True
+        elif not (_is_gate_act(gm, cur) or _classify(gm, cur, cur.all_input_nodes[0]) in ("pool", "flatten", "bn")):
+            return None
+        cur = cur.all_input_nodes[0]
+    return str(excite.target) if squeezed and cur is src else None
 
 
 def head_name(gm: fx.GraphModule) -> str:

@@ -213,6 +213,7 @@ def widen(gm: fx.GraphModule, step: GrowStep, state: GrowthState) -> Site:
 
     gm.set_submodule(site.layer, Widened(layer, _new_branch(layer, k, step.init, mapping), dim=site.axis))
     _split_batchnorms(gm, site, k, mapping)
+    _widen_excites(gm, site, k, step.init, mapping)
     _extend_consumers(gm, site, k, step, state, mapping, shares)
     _add_norm(gm, site, c, k, step, state)
     state.grown.append(site.layer)
@@ -223,6 +224,14 @@ def _split_batchnorms(gm: fx.GraphModule, site: Site, k: int, mapping: torch.Ten
     for bn_name in site.batchnorms:
         bn = gm.get_submodule(bn_name)
         gm.set_submodule(bn_name, SplitBatchNorm(bn, _new_batchnorm(bn, k, mapping)))
+
+
+def _widen_excites(gm: fx.GraphModule, site: Site, k: int, init: str, mapping: torch.Tensor | None) -> None:
+    """Each squeeze-excitation on the way gains one gate per new channel: its excite layer gains k
+    outputs (net2net: copies of the source channels' gates)."""
+    for name in site.excites:
+        excite = gm.get_submodule(name)
+        gm.set_submodule(name, Widened(excite, _new_branch(excite, k, init, mapping), dim=1))
 
 
 def _extend_consumers(gm: fx.GraphModule, site: Site, k: int, step: GrowStep, state: GrowthState,
@@ -279,6 +288,7 @@ def _widen_into_grouped(gm: fx.GraphModule, site: Site, layer: nn.Module, step: 
                 new.bias.copy_(conv.bias.detach()[mapping2])
     gm.set_submodule(sub.layer, GroupWidened(conv, new, split=site.channels))
     _split_batchnorms(gm, sub, k2, mapping2)
+    _widen_excites(gm, sub, k2, step.init, mapping2)
     _extend_consumers(gm, sub, k2, step, state, mapping2, shares2)
     _add_norm(gm, sub, sub.channels, k2, step, state, named=site.layer)
     state.grown.append(site.layer)

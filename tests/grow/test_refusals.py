@@ -97,10 +97,10 @@ def test_layer_feeding_a_grouped_conv_grows_by_whole_groups_only(resnext, units)
     assert "use --units 16, 32, 48 or another multiple of 16" in msg
 
 
-def test_layer_feeding_a_depthwise_conv(mobilenet):
-    # features.4.block.0.0 (1x1 expand conv) feeds the depthwise conv of the same block
-    msg = refuse(mobilenet, [GrowStep("wide", "features.4.block.0.0", 8)])
-    assert "depthwise" in msg and "growable layers" in msg
+def test_depthwise_conv_names_the_expansion_conv_that_feeds_it(mobilenet):
+    # features.4.block.1.0 (depthwise) is fed by features.4.block.0.0 (1x1 expand conv), which grows
+    msg = refuse(mobilenet, [GrowStep("wide", "features.4.block.1.0", 8)])
+    assert "'features.4.block.1.0' is a depthwise conv" in msg and "widen 'features.4.block.0.0' instead" in msg
 
 
 def test_head_itself(resnet18):
