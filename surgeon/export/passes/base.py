@@ -41,6 +41,31 @@ class PassResult:
 GraphPass = Callable[[gs.Graph], PassResult]
 
 
+# A rule over one Concat: None when the pattern does not match, "" when it rewrote the graph, else
+# why it matched but was refused.
+ConcatRule = Callable[[gs.Graph, gs.Node], "str | None"]
+
+
+def run_concat_rules(graph: gs.Graph, name: str, rules: list[tuple[ConcatRule, str]]) -> PassResult:
+    """Offer every Concat (with producers) to ``rules`` in order; the first that matches decides.
+    Each rule comes with its report, a template filled with the Concat's producer names."""
+    result = PassResult(name)
+    for concat in [n for n in graph.nodes if n.op == "Concat"]:
+        if not concat.outputs or any(not t.inputs for t in concat.inputs):
+            continue
+        producers = ", ".join(t.inputs[0].name for t in concat.inputs)
+        for rule, done in rules:
+            why = rule(graph, concat)
+            if why is None:
+                continue
+            if why == "":
+                result.changed.append((concat.name, done.format(producers)))
+            else:
+                result.skipped.append((f"{concat.name} ({producers})", why))
+            break
+    return result
+
+
 def _lean(model: LeanModel | onnx.ModelProto) -> LeanModel:
     return model if isinstance(model, LeanModel) else LeanModel.from_proto(model)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from surgeon.export.passes.base import PassResult, constant_value, is_graph_output
+from surgeon.export.passes.base import PassResult, constant_value, is_graph_output, run_concat_rules
 
 _SAME_ATTRS = ("kernel_shape", "strides", "pads", "dilations", "auto_pad")
 
@@ -97,16 +97,5 @@ def _merge(graph: gs.Graph, concat: gs.Node) -> str | None:
 
 
 def merge_grouped(graph: gs.Graph) -> PassResult:
-    result = PassResult("merge-grouped")
-    for concat in [n for n in graph.nodes if n.op == "Concat"]:
-        if not concat.outputs or any(not t.inputs for t in concat.inputs):
-            continue
-        producers = ", ".join(t.inputs[0].name for t in concat.inputs)
-        why = _merge(graph, concat)
-        if why is None:
-            continue
-        if why:
-            result.skipped.append((f"{concat.name} ({producers})", why))
-        else:
-            result.changed.append((concat.name, f"merged grouped convs {producers} on channel slices into one conv"))
-    return result
+    return run_concat_rules(graph, "merge-grouped",
+                            [(_merge, "merged grouped convs {} on channel slices into one conv")])

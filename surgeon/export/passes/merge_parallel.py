@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from surgeon.export.passes.base import PassResult, constant_value, is_graph_output
+from surgeon.export.passes.base import PassResult, constant_value, is_graph_output, run_concat_rules
 
 _LINEAR = ("Conv", "Gemm", "MatMul")
 
@@ -201,19 +201,8 @@ def _merge_split_batchnorm(graph: gs.Graph, concat: gs.Node) -> str | None:
 
 
 def merge_parallel(graph: gs.Graph) -> PassResult:
-    result = PassResult("merge-parallel")
-    for concat in [n for n in graph.nodes if n.op == "Concat"]:
-        if not concat.outputs or any(not t.inputs for t in concat.inputs):
-            continue
-        producers = ", ".join(t.inputs[0].name for t in concat.inputs)
-        for rule, what in ((_merge_matmul, "branches"), (_merge_linear, "branches"),
-                           (_merge_split_batchnorm, "BatchNorm halves")):
-            why = rule(graph, concat)
-            if why is None:
-                continue
-            if why == "":
-                result.changed.append((concat.name, f"merged {what} {producers} into one op"))
-            else:
-                result.skipped.append((f"{concat.name} ({producers})", why))
-            break
-    return result
+    return run_concat_rules(graph, "merge-parallel", [
+        (_merge_matmul, "merged branches {} into one op"),
+        (_merge_linear, "merged branches {} into one op"),
+        (_merge_split_batchnorm, "merged BatchNorm halves {} into one op"),
+    ])
