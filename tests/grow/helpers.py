@@ -91,3 +91,17 @@ def save_grown(path, gm: fx.GraphModule, steps, spec: str, size: int, classes=("
     return save_checkpoint(path, Checkpoint(
         model=spec, weights="none", recipe=steps, classes=list(classes),
         preprocessing=Preprocessing(input_size=size, resize=size), state_dict=gm.state_dict()))
+
+
+def grown_checkpoint(path, model: nn.Module, layer: str, units: int, init: str, spec: str, size: int):
+    """Replace ``model``'s head (4 classes), widen ``layer`` by ``units`` with ``init`` (seed 1) and
+    save it with :func:`save_grown`. Returns ``(path, grown GraphModule)``."""
+    from surgeon.grow.analysis import trace
+    from surgeon.grow.ops import GrowthState, apply_steps
+    from surgeon.grow.recipe import GrowStep, HeadStep
+
+    steps = [HeadStep(classes=4), GrowStep("wide", layer, units, init=init)]
+    torch.manual_seed(1)
+    gm = trace(model)
+    apply_steps(gm, steps, GrowthState(input_size=size))
+    return save_grown(path, gm, steps, spec, size), gm

@@ -13,14 +13,12 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from surgeon.grow.analysis import trace
 from surgeon.grow.gamma import calibrate_gamma
 from surgeon.grow.grownorm import GrowNorm
 from surgeon.grow.modules import ExtendedConv2d, GroupWidened, Widened
-from surgeon.grow.ops import GrowthState, apply_steps
 from surgeon.grow.recipe import GrowStep, HeadStep
 
-from tests.grow.helpers import grow, images, randomize_batchnorms, save_grown
+from tests.grow.helpers import grow, grown_checkpoint, images, randomize_batchnorms
 
 SIZE = 32
 UNITS = 12
@@ -161,12 +159,8 @@ def test_one_finetuning_step_trains_new_units():
 
 def _checkpoint(tmp_path, name: str, init: str = "random"):
     build, layer, *_ = FAMILIES[name]
-    steps = [HeadStep(classes=4), GrowStep("wide", layer, _units(name), init=init)]
-    torch.manual_seed(1)
-    gm = trace(build())
-    apply_steps(gm, steps, GrowthState(input_size=SIZE))
-    path = save_grown(tmp_path / "grown.pt", gm, steps, f"tests.grow.test_depthwise_growth:make_{name}", SIZE)
-    return path, gm
+    return grown_checkpoint(tmp_path / "grown.pt", build(), layer, _units(name), init,
+                            f"tests.grow.test_depthwise_growth:make_{name}", SIZE)
 
 
 @pytest.mark.parametrize("name", FAST)

@@ -21,7 +21,7 @@ from surgeon.grow.modules import ExtendedConv2d, GroupWidened, SplitBatchNorm, W
 from surgeon.grow.ops import GrowthState, apply_steps
 from surgeon.grow.recipe import GrowStep, HeadStep
 
-from tests.grow.helpers import Capture, grow, images, randomize_batchnorms, save_grown
+from tests.grow.helpers import Capture, grow, grown_checkpoint, images, randomize_batchnorms
 
 SIZE = 32
 
@@ -183,12 +183,8 @@ def test_one_finetuning_step_trains_new_groups(family):
 
 def _checkpoint(tmp_path, name: str, init: str = "random"):
     build, layer, *_ = FAMILIES[name]
-    steps = [HeadStep(classes=4), GrowStep("wide", layer, 16, init=init)]
-    torch.manual_seed(1)
-    gm = trace(build())
-    apply_steps(gm, steps, GrowthState(input_size=SIZE))
-    path = save_grown(tmp_path / "grown.pt", gm, steps, f"tests.grow.test_grouped_growth:make_{name}", SIZE)
-    return path, gm
+    return grown_checkpoint(tmp_path / "grown.pt", build(), layer, 16, init,
+                            f"tests.grow.test_grouped_growth:make_{name}", SIZE)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

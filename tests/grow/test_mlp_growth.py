@@ -26,7 +26,7 @@ from surgeon.grow.modules import ExtendedLinear, Widened, in_channels, out_chann
 from surgeon.grow.ops import GrowthState, apply_steps
 from surgeon.grow.recipe import GrowStep, HeadStep
 
-from tests.grow.helpers import Capture, grow, images, save_grown
+from tests.grow.helpers import Capture, grow, grown_checkpoint, images
 
 SIZE = 32
 UNITS = 12
@@ -221,12 +221,8 @@ def test_one_finetuning_step_trains_new_units(family):
 
 def _checkpoint(tmp_path, name: str, init: str = "random"):
     build, layer, _, _ = FAMILIES[name]
-    steps = [HeadStep(classes=4), GrowStep("wide", layer, UNITS, init=init)]
-    torch.manual_seed(1)
-    gm = trace(_seeded(build))
-    apply_steps(gm, steps, GrowthState(input_size=SIZE))
-    path = save_grown(tmp_path / "grown.pt", gm, steps, f"tests.grow.test_mlp_growth:make_{name}", SIZE)
-    return path, gm
+    return grown_checkpoint(tmp_path / "grown.pt", _seeded(build), layer, UNITS, init,
+                            f"tests.grow.test_mlp_growth:make_{name}", SIZE)
 
 
 REBUILDS = [("vit", "net2net"), ("vit", "zero")] + [(name, "random") for name in FAMILIES]
