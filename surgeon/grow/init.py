@@ -56,11 +56,16 @@ def extra_columns(
     """
     shape = list(full.shape)
     shape[1] = units * positions
+    # The new columns go where the consumer's weight lives (CPU, CUDA, meta), in its dtype: the caller
+    # concatenates them with it. Random values are drawn on the CPU (as the new modules' own inits
+    # are) and then moved, so a seed grows the same weights on every device; meta draws nothing.
+    draw = full.device if full.is_meta else torch.device("cpu")
     if init == "zero":
-        return full, torch.zeros(shape, dtype=full.dtype)
+        return full, torch.zeros(shape, dtype=full.dtype, device=full.device)
     if init == "random":
         std = float(full.std()) if full.numel() > 1 and not full.is_meta else 1.0  # meta: shapes only (a rebuild)
-        return full, torch.randn(shape, dtype=full.dtype) * (std if std > 0 else 1.0)
+        extra = torch.randn(shape, dtype=full.dtype, device=draw) * (std if std > 0 else 1.0)
+        return full, extra.to(full.device)
     assert mapping is not None and shares is not None
     old_share, new_share = shares
     full = full.clone()
