@@ -44,6 +44,12 @@ class Preprocessing:
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
+    def at_size(self, input_size: int) -> "Preprocessing":
+        """The same preprocessing for inputs of ``input_size``: the resize keeps the usual 0.875 crop
+        ratio (or stays equal to the input size where it was)."""
+        resize = input_size if self.resize == self.input_size else max(input_size, round(input_size / 0.875))
+        return Preprocessing(input_size=input_size, resize=resize, mean=self.mean, std=self.std)
+
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
         return cls(

@@ -1,6 +1,6 @@
 """The import graph keeps the layering DESIGN.md §3 describes (data flows one way):
 
-    base  <  grow  <  model (zoo, source, checkpoint)  <  train  <  export  <  trt  <  runtime  <  analyze  <  cli
+    base  <  grow  <  model (zoo, source, checkpoint)  <  train  <  export  <  trt  <  runtime  <  analyze  <  api  <  cli
 
 A module imports only from its own layer or lower ones (lazy imports inside functions count too;
 ``if TYPE_CHECKING:`` blocks do not). The deploy side stays torch-free: no module of trt/ or runtime/
@@ -30,13 +30,16 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("trt", ("surgeon.trt",)),
     ("runtime", ("surgeon.runtime",)),
     ("analyze", ("surgeon.analyze",)),
+    ("api", ("surgeon.api",)),
     ("cli", ("surgeon.commands", "surgeon.cli", "surgeon.__main__")),
 ]
 TORCH = ("torch", "torchvision")
 # Imported torch-free at module level, whatever they import lazily.
 TORCH_FREE_AT_IMPORT = ("surgeon.spec", "surgeon.contract", "surgeon.errors", "surgeon.imageio", "surgeon.preprocessing",
                         "surgeon.fileio", "surgeon.log", "surgeon.cuda", "surgeon.onnxrt", "surgeon.grow.recipe",
-                        "surgeon.train.config", "surgeon.cli", "surgeon.commands", "surgeon.trt", "surgeon.runtime")
+                        "surgeon.train.config", "surgeon.cli", "surgeon.commands", "surgeon.trt", "surgeon.runtime",
+                        # surgeon quantize runs in the deploy install
+                        "surgeon.export.quantize", "surgeon.export.calibration", "surgeon.export.ort_runner")
 # The only runtime/trt modules that may import torch at all (even lazily).
 TORCH_BACKENDS = {
     "surgeon.runtime.backends.torch_eager": "the torch backend",

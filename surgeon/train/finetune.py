@@ -25,10 +25,7 @@ from surgeon import __version__
 from surgeon.checkpoint import Checkpoint, checkpoint_from_dict, save_checkpoint
 from surgeon.errors import CheckpointError, SurgeonError
 from surgeon.fileio import atomic_write_text
-from surgeon.grow.analysis import trace
-from surgeon.grow.gamma import calibrate_gamma
-from surgeon.grow.grownorm import GrowNorm
-from surgeon.grow.ops import GrowthState, apply_steps
+from surgeon.grow.ops import GrowthState
 from surgeon.grow.recipe import HeadStep, Step
 from surgeon.log import LOG
 from surgeon.preprocessing import Preprocessing
@@ -36,7 +33,8 @@ from surgeon.train import distributed as dist_utils
 from surgeon.train.config import FinetuneConfig
 from surgeon.train.curves import plot_curves
 from surgeon.train.data import DataSplits, load_data
-from surgeon.train.params import apply_freeze, freeze_frozen_batchnorms, split_parameters
+from surgeon.train.grown import calibrate, checkpoint_of, gamma_stats, grow, grown_info
+from surgeon.train.params import freeze_frozen_batchnorms, param_groups
 from surgeon.train.state import load_train_state, rng_state, save_train_state, set_rng_state
 from surgeon.train.summary import LossWatch, run_summary, start_warnings
 
@@ -94,15 +92,14 @@ def prepare(config: FinetuneConfig) -> Prepared:
     from surgeon.source import open_model
 
     src = open_model(config.model, config.weights, config.input_size, trust_code=config.trust_code)
-    gm = trace(src.module)
-    state = src.state or GrowthState(input_size=src.preprocessing.input_size)
-    arch, weights, prior, pre = src.model, src.weights, src.recipe, src.preprocessing
-    data = _load_data(config, pre)
+    data = _load_data(config, src.preprocessing)
     steps: list[Step] = [HeadStep(classes=len(data.classes), layer=config.head or "")]
     if not config.baseline:
         steps += list(config.grow)
-    apply_steps(gm, steps, state)
-    return Prepared(gm, state, data, arch, weights, prior + steps, pre)
+    gm = grow(src, steps)  # the Python API's growth too (surgeon.api.grow_model)
+    info = grown_info(gm)
+    assert info is not None and src.model is not None
+    return Prepared(gm, info.state, data, src.model, src.weights, info.recipe, src.preprocessing)
 
 
 def _calibration_batch(data: DataSplits, n: int, seed: int) -> torch.Tensor:
@@ -112,27 +109,9 @@ def _calibration_batch(data: DataSplits, n: int, seed: int) -> torch.Tensor:
 
 
 def build_optimizer(model: fx.GraphModule, state: GrowthState, config: FinetuneConfig) -> torch.optim.SGD:
-    split = split_parameters(model, state, config.tune)
-    apply_freeze(model, split)
-    groups = []
-    for params, mult in ((split.pretrained, 1.0), (split.new, config.lr_new_mult)):
-        decay = [p for n, p in params.items() if n not in split.no_decay]
-        no_decay = [p for n, p in params.items() if n in split.no_decay]
-        if decay:
-            groups.append({"params": decay, "lr": config.lr * mult, "weight_decay": config.wd})
-        if no_decay:
-            groups.append({"params": no_decay, "lr": config.lr * mult, "weight_decay": 0.0})
+    groups = param_groups(model, state, lr=config.lr, new_lr_mult=config.lr_new_mult, tune=config.tune,
+                          weight_decay=config.wd)  # the Python API's groups too (surgeon.api.param_groups)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.wd)
-
-
-def gamma_stats(model: nn.Module) -> dict[str, list[float]]:
-    """Mean γ of each group of each GrowNorm (the scales' trajectory for analysis)."""
-    out: dict[str, list[float]] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, GrowNorm) and m.gamma is not None:
-            g = m.gamma.detach().float().cpu()
-            out[name] = [float(part.mean()) for part in torch.split(g, list(m.groups))]
-    return out
 
 
 def _loader(ds, config: FinetuneConfig, *, shuffle: bool, epoch: int, d: dist_utils.Dist, device: torch.device) -> DataLoader:
@@ -205,12 +184,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
 
 
 def _checkpoint(p: Prepared, model: nn.Module, history: list[dict], config: FinetuneConfig) -> Checkpoint:
-    return Checkpoint(
-        model=p.arch, weights=p.weights, recipe=p.recipe, classes=list(p.data.classes),
-        preprocessing=p.preprocessing, state_dict=model.state_dict(),
-        history={"epochs": history, "gamma_init": p.gamma_init},
-        train_args=config.to_dict(),
-    )
+    # What surgeon.api.save writes too; this run adds its epochs and settings.
+    return checkpoint_of(model, classes=p.data.classes, preprocessing=p.preprocessing, history=history,
+                         train_args=config.to_dict())
 
 
 def finetune(config: FinetuneConfig, *, resume: str | Path | None = None, progress: bool = True,
@@ -231,7 +207,7 @@ def finetune(config: FinetuneConfig, *, resume: str | Path | None = None, progre
         if resumed is None:
             prepared = prepare(config)
             model = prepared.model.to(device)
-            calibrate_gamma(model, _calibration_batch(prepared.data, config.calib_samples, config.seed).to(device))
+            calibrate(model, _calibration_batch(prepared.data, config.calib_samples, config.seed).to(device))
             prepared.gamma_init = gamma_stats(model)
             history: list[dict[str, Any]] = []
             start = 0

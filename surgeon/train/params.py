@@ -8,6 +8,7 @@ first grown layer up (for a baseline: from the layer that feeds the head), ``all
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import fx, nn
 
@@ -88,6 +89,27 @@ def split_parameters(gm: fx.GraphModule, state: GrowthState, tune: str) -> Param
     return split
 
 
+def param_groups(gm: fx.GraphModule, state: GrowthState, *, lr: float, new_lr_mult: float = 10.0, tune: str = "all",
+                 weight_decay: float | None = None) -> list[dict[str, Any]]:
+    """The paper's optimizer groups: pretrained parameters that train (``tune``) at ``lr``, new units,
+    γ and the head at ``lr * new_lr_mult``; γ without weight decay (it would pull the learned scales
+    to 0). ``weight_decay`` None leaves the others' decay to the optimizer's default. Freezes what does
+    not train (``requires_grad``), and frozen BatchNorms keep their running statistics in train mode."""
+    split = split_parameters(gm, state, tune)
+    apply_freeze(gm, split)
+    keep_frozen_batchnorm_statistics(gm)
+    groups: list[dict[str, Any]] = []
+    for kind, params, mult in (("pretrained", split.pretrained, 1.0), ("new", split.new, new_lr_mult)):
+        decay = [p for n, p in params.items() if n not in split.no_decay]
+        no_decay = [p for n, p in params.items() if n in split.no_decay]
+        if decay:
+            groups.append({"params": decay, "lr": lr * mult, "name": kind}
+                          | ({"weight_decay": weight_decay} if weight_decay is not None else {}))
+        if no_decay:
+            groups.append({"params": no_decay, "lr": lr * mult, "weight_decay": 0.0, "name": f"{kind} gamma"})
+    return groups
+
+
 def apply_freeze(gm: nn.Module, split: ParamSplit) -> None:
     for p in split.frozen.values():
         p.requires_grad_(False)
@@ -95,8 +117,27 @@ def apply_freeze(gm: nn.Module, split: ParamSplit) -> None:
         p.requires_grad_(True)
 
 
+def _frozen(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and not m.weight.requires_grad
+
+
 def freeze_frozen_batchnorms(gm: nn.Module) -> None:
     """Frozen BatchNorms also keep their running statistics (call after ``model.train()``)."""
     for m in gm.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and not m.weight.requires_grad:
+        if _frozen(m):
             m.eval()
+
+
+def _stay_in_eval_while_frozen(m: nn.Module, args: Any) -> None:
+    if m.training and _frozen(m):
+        m.eval()
+
+
+def keep_frozen_batchnorm_statistics(gm: nn.Module) -> None:
+    """Every BatchNorm, while its affine parameters are frozen, runs in eval mode whatever
+    ``model.train()`` set: a training loop that surgeon does not own (the user's, Lightning's) keeps
+    the pretrained statistics of what it does not train, as ``surgeon finetune`` does."""
+    for m in gm.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not getattr(m, "_surgeon_keeps_stats", False):
+            m.register_forward_pre_hook(_stay_in_eval_while_frozen)
+            m._surgeon_keeps_stats = True

@@ -296,8 +296,7 @@ def load_base(spec: str, weights: str = "DEFAULT", input_size: int | None = None
         elif w_lower not in ("none", "default"):
             raise SurgeonError(f"weights file {weights} does not exist")
     if input_size:
-        pre = Preprocessing(input_size=input_size, resize=max(input_size, round(input_size / 0.875)) if pre.resize != pre.input_size else input_size,
-                            mean=pre.mean, std=pre.std)
+        pre = pre.at_size(input_size)
     source = w_lower if w_lower in ("none", "default") and not path_like else weights
     return BaseModel(module=module, model=spec, weights=str(source), preprocessing=pre)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import surgeon
 from surgeon.grow.recipe import GrowStep, HeadStep
 from surgeon.zoo import build_architecture
 
@@ -31,6 +32,18 @@ def _digitnet(seed: int = 0) -> nn.Module:
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+@pytest.mark.parametrize("init", sorted(STEPS))
+def test_growth_on_the_meta_device_gives_shapes_and_no_data(init, tmp_path):
+    cpu, _ = grow(_digitnet(), HEAD + STEPS[init], 32)
+    gm = surgeon.grow_model(_digitnet().to("meta"), STEPS[init], classes=3)  # no calib: nothing to calibrate on
+    tensors = _tensors(gm)
+    assert {t.device.type for t in tensors.values()} == {"meta"}
+    assert {k: (t.shape, t.dtype) for k, t in tensors.items()} == {k: (t.shape, t.dtype) for k, t in _tensors(cpu).items()}
+    assert gm(torch.empty(2, 3, 32, 32, device="meta")).shape == (2, 3)
+    with pytest.raises(surgeon.SurgeonError, match="meta device has shapes but no weights"):
+        surgeon.save(gm, tmp_path / "grown.pt", classes=["a", "b", "c"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -64,6 +77,23 @@ def _cuda_checks(device: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_growth_on_cuda_keeps_every_tensor_on_the_device(dtype):
     _cuda_checks("cuda", dtype)
+
+
+@pytest.mark.gpu
+def test_the_api_grows_calibrates_and_trains_on_cuda(tmp_path):
+    images = torch.randn(16, 3, 32, 32, device="cuda")
+    gm = surgeon.grow_model(_digitnet().cuda(), [surgeon.Wide("classifier.3", 8)], classes=["a", "b", "c"],
+                            calib=images, arch="surgeon:digitnet")
+    assert {p.device.type for p in gm.parameters()} == {"cuda"}
+    opt = torch.optim.SGD(surgeon.param_groups(gm, lr=1e-2), momentum=0.9)
+    gm.train()
+    loss = nn.functional.cross_entropy(gm(images), torch.zeros(16, dtype=torch.long, device="cuda"))
+    loss.backward()
+    opt.step()
+    path = surgeon.save(gm, tmp_path / "grown.pt")
+    gm.eval()
+    rebuilt = surgeon.load(path)
+    torch.testing.assert_close(rebuilt(images.cpu()), gm(images).cpu(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("init", ["random", "zero", "net2net"])
