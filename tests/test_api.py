@@ -4,7 +4,9 @@ groups and checkpoint, in a loop the user owns."""
 from __future__ import annotations
 
 import copy
+import inspect
 import json
+import re
 import subprocess
 import sys
 
@@ -215,3 +217,21 @@ def test_export_a_module_and_build_it(tmp_path, calib, digits):
     pytest.importorskip("tensorrt_rtx")
     report = surgeon.build(result.path, tmp_path / "model.engine", builder="tensorrt-rtx")
     assert (tmp_path / "model.engine").stat().st_size > 0 and report.grownorm_nodes == 1
+
+
+def _api_sections() -> dict[str, str]:
+    text = (ROOT / "docs" / "API.md").read_text()
+    parts = re.split(r"^### `surgeon\.([A-Za-z_]+)`\s*$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_every_public_name_is_documented_with_its_parameters():
+    sections = _api_sections()
+    assert set(surgeon.__all__) <= set(sections), sorted(set(surgeon.__all__) - set(sections))
+    for name in surgeon.__all__:
+        obj = getattr(surgeon, name)
+        if callable(obj) and not isinstance(obj, type) or name in ("Wide", "Deep"):
+            params = inspect.signature(obj).parameters
+            missing = [p for p in params if not re.search(rf"\b{p}\b", sections[name])]
+            assert missing == [], f"docs/API.md's surgeon.{name} does not show {missing}"
+        assert "```python" in sections[name], f"docs/API.md's surgeon.{name} has no example"
