@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import fx, nn
@@ -37,6 +37,10 @@ from surgeon.spec import DEFAULT_OPSET, BatchRange
 from surgeon.train import grown as _grown
 from surgeon.train import params as _params
 from surgeon.train.config import TUNE_MODES
+
+if TYPE_CHECKING:  # imported when called: export brings onnx and ONNX Runtime, trt TensorRT
+    from surgeon.export.onnx_export import ExportResult
+    from surgeon.trt.build import EngineReport
 
 __all__ = ["Wide", "Deep", "grow_model", "param_groups", "save", "export_onnx", "build"]
 
@@ -137,17 +141,17 @@ def grow_model(model: nn.Module | str | Path, steps: Iterable[Wide | Deep | Grow
                weights: str | None = None, trust_code: bool = False) -> fx.GraphModule:
     """Grow ``model``: replace its head for ``classes`` (a count or the class names; None keeps the
     head), then apply ``steps`` in order. Returns a ``torch.fx.GraphModule``: train it as any
-    ``nn.Module``; it remembers its base model and recipe, so :func:`save` needs only a path.
+    ``nn.Module``; it remembers its base model and recipe, so :func:`save` needs only a path. It
+    reuses ``model``'s layers, which growth edits: pass ``copy.deepcopy(model)`` to keep the original.
 
     ``model`` is one of
     - a spec as ``surgeon finetune --model`` takes it (``"torchvision:resnet18"``, ``"timm:NAME"``,
       ``"surgeon:digitnet"``, a ``grown.pt`` to grow further, ``"pkg.module:Class"`` with
       ``trust_code``), with ``weights`` as ``--weights`` (default ``DEFAULT``);
-    - an ``nn.Module`` you built. Its layers are reused (pass ``copy.deepcopy(model)`` to keep the
-      original). The checkpoint must name its architecture: surgeon finds it for torchvision, timm
-      and surgeon models and for classes importable by name that build it without arguments, or
-      takes ``arch`` (checked against the module); otherwise the model grows and trains, and
-      :func:`save` says why it cannot be saved. ``weights`` is recorded as where its weights came
+    - an ``nn.Module`` you built. The checkpoint must name its architecture: surgeon finds it for
+      torchvision, timm and surgeon models and for classes importable by name that build it without
+      arguments, or takes ``arch`` (checked against the module); otherwise the model grows and
+      trains, and :func:`save` says why it cannot be saved. ``weights`` is recorded as where its weights came
       from (default ``"module"``);
     - a model from :func:`grow_model` or ``surgeon.load`` (grow it further).
 
@@ -255,7 +259,7 @@ def save(model: nn.Module, path: str | Path, *, classes: Sequence[str] | None = 
 def export_onnx(grown: str | Path | nn.Module, output: str | Path | None = None, *, precision: str = "fp32",
                 opset: int = DEFAULT_OPSET, calib: str | None = None, fold: bool = True,
                 batch: str | BatchRange = BatchRange(), classes: Sequence[str] | None = None,
-                trust_code: bool = False):
+                trust_code: bool = False) -> ExportResult:
     """Export a ``grown.pt`` (or a grown model, saved first to a temporary checkpoint) to ONNX, as
     ``surgeon export``: graph passes (``fold=False``: cleanup only), verified against PyTorch with
     ONNX Runtime after export and after each pass, written atomically only if it matches.
@@ -280,7 +284,7 @@ def export_onnx(grown: str | Path | nn.Module, output: str | Path | None = None,
 
 def build(onnx_path: str | Path, output: str | Path | None = None, *, batch: str | BatchRange | None = None,
           precision: str | None = None, plugin: str = "auto", timing_cache: str | Path | None = None,
-          workspace_mb: int | None = None, builder: str = "auto"):
+          workspace_mb: int | None = None, builder: str = "auto") -> EngineReport:
     """Build a TensorRT engine from an exported ONNX file, as ``surgeon build``: full TensorRT on a
     CUDA GPU (with the ``surgeon::GrowNorm`` plugin where it loads), else TensorRT-RTX CPU-only.
     ``output`` defaults to the ONNX path with ``.engine``; ``batch`` to the range recorded at export.

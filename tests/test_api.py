@@ -147,6 +147,13 @@ def test_a_torchvision_module_is_recorded_by_its_builder(tmp_path):
     torch.testing.assert_close(model(x), grown(x))
 
 
+def test_a_timm_module_is_recorded_by_its_name_and_tag():
+    timm = pytest.importorskip("timm")
+    grown = surgeon.grow_model(timm.create_model("resnet18", pretrained=False), classes=3, gamma_init=1.0)
+    info = grown.surgeon_grown
+    assert info.model == "timm:resnet18.a1_in1k" and info.preprocessing.resize == 235  # timm's crop_pct 0.95
+
+
 def test_a_user_class_is_recorded_by_name_and_rebuilt_with_trust_code(tmp_path):
     grown = surgeon.grow_model(TinyNet(), [surgeon.Wide("fc1", 8)], input_size=16, gamma_init=10.0)
     assert grown.surgeon_grown.model == "tests.test_api:TinyNet"
@@ -163,11 +170,11 @@ def test_an_unrecordable_module_grows_and_trains_but_save_says_why(tmp_path):
         pass
 
     for model, why in ((Local(), "defined in a script or a function"),
-                       (torchvision.models.resnet18(num_classes=10), "builds the same layers")):
+                       (torchvision.models.resnet18(num_classes=10), "not those of torchvision:resnet18 (was it built with other arguments")):
         grown = surgeon.grow_model(model, [surgeon.Wide("fc1" if isinstance(model, TinyNet) else "layer4.1.conv1", 8)],
                                    classes=2, input_size=32, gamma_init=1.0)
         grown(torch.randn(2, 3, 32, 32)).sum().backward()
-        with pytest.raises(surgeon.SurgeonError, match=why) as err:
+        with pytest.raises(surgeon.SurgeonError, match=re.escape(why)) as err:
             surgeon.save(grown, tmp_path / "grown.pt", classes=["a", "b"])
         assert "\n" not in str(err.value) and "arch=" in str(err.value)
     assert not (tmp_path / "grown.pt").exists()

@@ -75,6 +75,7 @@ def identify(module: nn.Module) -> Identified:
     cls = type(module)
     want = signature(module)
     what = f"a {cls.__qualname__} (from {cls.__module__})"
+    tried: list[tuple[int, str]] = []  # zoo builders of the class whose layers differ: how many keys differ
     for spec in _candidates(module):
         user = not is_zoo_spec(spec)
         if user and not _importable(spec, cls):
@@ -82,7 +83,12 @@ def identify(module: nn.Module) -> Identified:
         base = _structure(spec)
         if base is not None and type(base.module) is cls and signature(base.module) == want:
             return Identified(spec, None if user else base.preprocessing)
-    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+        if not user and base is not None and type(base.module) is cls:
+            tried.append((len(set(want) ^ set(signature(base.module))), spec))
+    if tried:
+        closest = min(tried)[1]
+        why = f"its layers are not those of {closest} (was it built with other arguments, such as num_classes?)"
+    elif cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
         why = "its class is defined in a script or a function, so nothing can import it by name"
     else:
         why = "no torchvision/timm/surgeon builder or no-argument constructor of its class builds the same layers"
