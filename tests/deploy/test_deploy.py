@@ -114,3 +114,11 @@ def test_training_commands_name_the_extra(fixtures, args):
 def test_session_on_a_checkpoint_names_the_extra(fixtures):
     proc, _ = run("py", f"from surgeon.runtime import Session; Session({str(fixtures / 'grown.pt')!r})")
     assert proc.returncode != 0 and "MissingExtraError" in proc.stderr and "surgeon[train]" in proc.stderr
+
+
+@pytest.mark.skipif(HAS_TORCH, reason="needs an install without PyTorch")
+def test_the_python_api_names_the_extra():
+    proc, _ = run("py", "import surgeon; print(sorted(surgeon.__all__)); surgeon.grow_model")
+    assert proc.returncode != 0 and "grow_model" in proc.stdout  # the names are listed; using one says what to install
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("surgeon.errors.MissingExtraError: surgeon.grow_model needs torch") and "surgeon[train]" in last
