@@ -15,6 +15,15 @@ case ``w = 1``: the expansion conv that feeds it grows by any k, and the depthwi
 filters. Old and new channels first meet in the grouped conv's consumers, so the one GrowNorm goes
 after the grouped conv's chain (BatchNorm, activation), not after the widened layer's.
 
+A concat on the way (Inception/GoogLeNet branches, DenseNet's dense blocks, SqueezeNet's Fire
+modules) is followed through too: the layer's old channels keep their offset in the concat and its
+new channels are appended at the concat's end (``Site.concats``), so every consumer of the concat
+(every later layer of a dense block, the transition conv) gains new input columns at its end, as for
+a direct consumer, and a BatchNorm over the concat (DenseNet's ``norm1``) gains new channels at its
+end (``Site.region_batchnorms``). Appending keeps each pretrained weight one contiguous tensor and
+lets growth repeat (a second grown branch appends after the first) at the cost of a slice of the
+grown tensor; the other branches' channels do not move.
+
 A squeeze-excitation block on the way (``x * gate(x)``, the gate being pool → squeeze → act →
 excite → sigmoid) is followed through: the squeeze is a consumer (new input columns) and the excite
 gains one output per new channel (``Site.excites``), so each new channel gets its own gate.
@@ -179,11 +188,24 @@ def is_linear_op(module: nn.Module) -> bool:
 @dataclass
 class Consumer:
     """A linear op that reads the layer's channels; each channel spans ``positions`` of its inputs
-    (1 unless a flatten sits in between, then H·W, channel-major)."""
+    (1 unless a flatten sits in between, then H·W, channel-major). Through a concat it reads more
+    than the layer's channels: ``width`` input channels, the layer's at ``offset``."""
 
     name: str
     node: fx.Node
     positions: int
+    offset: int = 0
+    width: int = 0
+
+
+@dataclass
+class ConcatArg:
+    """The grown tensor is argument ``index`` of the concat ``node``, ``width`` channels wide before
+    growth: growth slices it there and appends its new channels at the concat's end."""
+
+    node: fx.Node
+    index: int
+    width: int
 
 
 @dataclass
@@ -202,6 +224,8 @@ class Site:
     grouped: Site | None = None                  # the grouped conv this layer feeds, which grows with it
     group_width: int = 0                         # its input channels per group: units come in multiples
     excites: list[str] = field(default_factory=list)  # squeeze-excitation layers gaining a gate per new channel
+    concats: list[ConcatArg] = field(default_factory=list)  # concats the channels go through
+    region_batchnorms: list[tuple[str, int]] = field(default_factory=list)  # past the chain: (name, offset)
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -456,7 +480,7 @@ def _analyse(gm: fx.GraphModule, layer: str, *, grouped: bool = False) -> Site:
     site.tail = cur
 
     # 2. The region from the tail to the linear consumers.
-    _walk_region(gm, site, cur, shape_of(cur) or shape, positions=1)
+    _walk_region(gm, site, cur, shape_of(cur) or shape, positions=1, offset=0, seen=set())
     if not site.consumers:
         raise GrowthError(f"'{layer}' feeds no linear layer")
     grouped_consumers = [c for c in site.consumers if is_grouped_conv(gm.get_submodule(c.name))]
@@ -564,14 +588,56 @@ def _calls(gm: fx.GraphModule) -> dict[str, int]:
     return counts
 
 
-def _walk_region(gm: fx.GraphModule, site: Site, src: fx.Node, src_shape: tuple[int, ...], positions: int) -> None:
+_CONCAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+
+
+def _concat_args(node: fx.Node) -> tuple[list, object] | None:
+    """``(tensors, dim)`` of a ``torch.cat`` call, or None for any other node."""
+    if node.op != "call_function" or node.target not in _CONCAT_FUNCTIONS:
+        return None
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0))
+    return (list(tensors), dim) if isinstance(tensors, (list, tuple)) else None
+
+
+def _follow_concat(gm: fx.GraphModule, site: Site, cat: fx.Node, src: fx.Node, src_shape: tuple[int, ...],
+                   positions: int, offset: int, seen: set[fx.Node]) -> None:
+    """``src`` (the layer's channels at ``offset``) is one of the tensors ``cat`` concatenates: its old
+    channels keep their place, the new ones go to the end, and the walk goes on from the concat."""
+    tensors, dim = _concat_args(cat)  # type: ignore[misc]
+    where = f"its output feeds the concat {cat.name}"
+    if site.axis != 1 or positions != 1:
+        raise GrowthError(f"cannot grow '{site.layer}': {where} in a form surgeon cannot follow "
+                          "(the units are not on dim 1 there)")
+    if not isinstance(dim, int) or dim % len(src_shape) != 1:
+        raise GrowthError(f"cannot grow '{site.layer}': {where} on dim {dim}, not on the channels (dim 1)")
+    if tensors.count(src) != 1 or cat in seen:
+        raise GrowthError(f"cannot grow '{site.layer}': {where} more than once (surgeon grows channels that "
+                          "enter a concat once)")
+    widths = [shape_of(t)[1] if isinstance(t, fx.Node) and shape_of(t) else None for t in tensors]
+    out = shape_of(cat)
+    if None in widths or out is None:
+        raise GrowthError(f"cannot grow '{site.layer}': the shapes around the concat {cat.name} are unknown")
+    index = tensors.index(src)
+    seen.add(cat)
+    site.concats.append(ConcatArg(cat, index, src_shape[1]))
+    _walk_region(gm, site, cat, out, 1, offset + sum(widths[:index]), seen)  # type: ignore[arg-type]
+
+
+def _walk_region(gm: fx.GraphModule, site: Site, src: fx.Node, src_shape: tuple[int, ...], positions: int,
+                 offset: int, seen: set[fx.Node]) -> None:
+    """Follow the layer's channels from ``src`` (shape ``src_shape``, the channels at ``offset`` of
+    dim 1, each spanning ``positions`` values after a flatten) to the linear ops that read them."""
     for user in list(src.users):
         if _reads_metadata_only(user):
+            continue
+        if _concat_args(user) is not None:
+            _follow_concat(gm, site, user, src, src_shape, positions, offset, seen)
             continue
         excite = _excitation(gm, user, src, src_shape) if site.axis == 1 else None
         if excite is not None:  # x * gate(x): the excite grows a gate per new channel, the product passes them
             site.excites.append(excite)
-            _walk_region(gm, site, user, src_shape, positions)
+            _walk_region(gm, site, user, src_shape, positions, offset, seen)
             continue
         kind = _classify(gm, user, src)
         channels_last = site.axis == -1 and len(src_shape) >= 3  # units on the last dim ([N, C] again at rank 2)
@@ -584,21 +650,36 @@ def _walk_region(gm: fx.GraphModule, site: Site, src: fx.Node, src_shape: tuple[
             if problem:
                 raise GrowthError(f"cannot grow '{site.layer}': {problem}")
             if kind == "linear":
-                site.consumers.append(Consumer(str(user.target), user, positions))
+                site.consumers.append(Consumer(str(user.target), user, positions, offset, src_shape[-1]))
             else:
-                _walk_region(gm, site, user, shape_of(user) or src_shape, positions)
+                _walk_region(gm, site, user, shape_of(user) or src_shape, positions, offset, seen)
             continue
         if kind == "grouped":
-            if channels_last or len(src_shape) != 4 or positions != 1:
+            if channels_last or len(src_shape) != 4 or positions != 1 or src_shape[1] != site.channels:
                 raise GrowthError(f"cannot grow '{site.layer}': its output reaches the grouped conv {user.target} "
                                   "in a form surgeon cannot follow")
-            site.consumers.append(Consumer(str(user.target), user, positions))
+            site.consumers.append(Consumer(str(user.target), user, positions, offset, src_shape[1]))
             continue
         if kind == "linear":
             m = _module(gm, user)
             if isinstance(m, nn.Linear) and len(src_shape) != 2:
                 raise GrowthError(f"cannot grow '{site.layer}': {user.target} applies a Linear to a rank-{len(src_shape)} tensor")
-            site.consumers.append(Consumer(str(user.target), user, positions))
+            # After a flatten, dim 1 holds channels × positions.
+            site.consumers.append(Consumer(str(user.target), user, positions, offset, src_shape[1] // positions))
+            continue
+        if kind == "bn":  # past the chain (after a pool, a concat): the BatchNorm gains the new channels too
+            name = str(user.target)
+            if positions != 1:
+                raise GrowthError(f"cannot grow '{site.layer}': its output reaches the BatchNorm {name} after a "
+                                  "flatten, where each unit spans several features")
+            if _calls(gm).get(name, 1) > 1:
+                raise GrowthError(f"cannot grow '{site.layer}': its output reaches {name}, a BatchNorm called "
+                                  f"{_calls(gm)[name]} times in the forward (shared statistics)")
+            if user in seen:
+                raise GrowthError(f"cannot grow '{site.layer}': its output reaches {name} along two paths")
+            seen.add(user)
+            site.region_batchnorms.append((name, offset))
+            _walk_region(gm, site, user, shape_of(user) or src_shape, positions, offset, seen)
             continue
         if kind in ("pool", "flatten"):
             reason = _check_pool_or_flatten(kind, user, src_shape)
@@ -608,9 +689,9 @@ def _walk_region(gm: fx.GraphModule, site: Site, src: fx.Node, src_shape: tuple[
             assert out is not None
             if kind == "flatten":
                 positions *= out[1] // src_shape[1]
-            _walk_region(gm, site, user, out, positions)
+            _walk_region(gm, site, user, out, positions, offset, seen)
             continue
-        _walk_region(gm, site, user, shape_of(user) or src_shape, positions)
+        _walk_region(gm, site, user, shape_of(user) or src_shape, positions, offset, seen)
 
 
 _GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}

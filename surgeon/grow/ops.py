@@ -7,6 +7,7 @@ every pretrained tensor, and leaves the graph runnable (shapes are propagated ag
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -180,13 +181,26 @@ def _new_branch(m: nn.Module, units: int, init: str, mapping: torch.Tensor | Non
     return new
 
 
-def _new_batchnorm(old: nn.modules.batchnorm._BatchNorm, units: int, mapping: torch.Tensor | None) -> nn.Module:
-    new = type(old)(units, eps=old.eps, momentum=old.momentum, affine=old.affine,
-                    track_running_stats=old.track_running_stats)
+def _bn_tensor(bn: nn.Module, name: str) -> torch.Tensor | None:
+    """``weight``/``bias``/``running_mean``/``running_var`` over all channels of a BatchNorm, also of
+    one split by earlier growth (a BatchNorm past a concat that two grown branches enter)."""
+    if isinstance(bn, SplitBatchNorm):
+        old, new = _bn_tensor(bn.old, name), _bn_tensor(bn.new, name)
+        return None if old is None or new is None else torch.cat([old, new])
+    value = getattr(bn, name)
+    return None if value is None else value.detach()
+
+
+def _new_batchnorm(old: nn.Module, units: int, mapping: torch.Tensor | None) -> nn.Module:
+    template = old
+    while isinstance(template, SplitBatchNorm):
+        template = template.old
+    new = type(template)(units, eps=template.eps, momentum=template.momentum, affine=template.affine,
+                         track_running_stats=template.track_running_stats)
     if mapping is not None:  # net2net copies the statistics and affine params of the source channels
         with torch.no_grad():
             for name in ("weight", "bias", "running_mean", "running_var"):
-                src, dst = getattr(old, name), getattr(new, name)
+                src, dst = _bn_tensor(old, name), getattr(new, name)
                 if src is not None and dst is not None:
                     dst.copy_(src[mapping])
     return new
@@ -212,18 +226,51 @@ def widen(gm: fx.GraphModule, step: GrowStep, state: GrowthState) -> Site:
     shares = winit.split_shares(c, mapping) if mapping is not None else None
 
     gm.set_submodule(site.layer, Widened(layer, _new_branch(layer, k, step.init, mapping), dim=site.axis))
-    _split_batchnorms(gm, site, k, mapping)
-    _widen_excites(gm, site, k, step.init, mapping)
-    _extend_consumers(gm, site, k, step, state, mapping, shares)
+    _grow_region(gm, site, k, step, state, mapping, shares)
     _add_norm(gm, site, c, k, step, state)
+    _append_to_concats(gm, site)
     state.grown.append(site.layer)
     return site
 
 
+def _grow_region(gm: fx.GraphModule, site: Site, k: int, step: GrowStep, state: GrowthState,
+                 mapping: torch.Tensor | None, shares: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Everything past the widened layer that gains the ``k`` new channels: the chain's and the
+    region's BatchNorms, squeeze-excitation gates, and the consumers' input columns."""
+    _split_batchnorms(gm, site, k, mapping)
+    _widen_excites(gm, site, k, step.init, mapping)
+    _extend_consumers(gm, site, k, step, state, mapping, shares)
+
+
 def _split_batchnorms(gm: fx.GraphModule, site: Site, k: int, mapping: torch.Tensor | None) -> None:
-    for bn_name in site.batchnorms:
+    """The chain's BatchNorms read exactly the layer's channels; a BatchNorm past a concat reads them
+    at an offset (net2net copies the statistics of the channels the new ones copy, at that offset)."""
+    for bn_name, offset in [(b, 0) for b in site.batchnorms] + site.region_batchnorms:
         bn = gm.get_submodule(bn_name)
-        gm.set_submodule(bn_name, SplitBatchNorm(bn, _new_batchnorm(bn, k, mapping)))
+        src = None if mapping is None else mapping + offset
+        gm.set_submodule(bn_name, SplitBatchNorm(bn, _new_batchnorm(bn, k, src)))
+
+
+def _append_to_concats(gm: fx.GraphModule, site: Site) -> None:
+    """Each concat the grown tensor enters keeps its old channels where they were and gets the new
+    ones at its end: ``cat([a, t, b])`` becomes ``cat([a, t[:, :C], b, t[:, C:]])``. Runs after the
+    GrowNorm is in place, so the slices read the normalized tensor; a tensor already last needs no
+    slices."""
+    for arg in site.concats:
+        cat = arg.node
+        tensors = list(cat.args[0] if cat.args else cat.kwargs["tensors"])
+        if arg.index == len(tensors) - 1:
+            continue
+        grown = tensors[arg.index]
+        with gm.graph.inserting_before(cat):
+            old = gm.graph.call_function(operator.getitem, (grown, (slice(None), slice(None, arg.width))))
+            new = gm.graph.call_function(operator.getitem, (grown, (slice(None), slice(arg.width, None))))
+        tensors[arg.index] = old
+        tensors.append(new)
+        if cat.args:
+            cat.args = (tensors, *cat.args[1:])
+        else:
+            cat.kwargs = {**cat.kwargs, "tensors": tensors}
 
 
 def _widen_excites(gm: fx.GraphModule, site: Site, k: int, init: str, mapping: torch.Tensor | None) -> None:
@@ -239,7 +286,22 @@ def _extend_consumers(gm: fx.GraphModule, site: Site, k: int, step: GrowStep, st
     for consumer in site.consumers:
         m = gm.get_submodule(consumer.name)
         fresh = consumer.name in state.fresh
-        gm.set_submodule(consumer.name, _extend_input(m, k, consumer.positions, step.init, mapping, shares, fresh))
+        at, split = _at_offset(mapping, shares, consumer.offset, consumer.width)
+        gm.set_submodule(consumer.name, _extend_input(m, k, consumer.positions, step.init, at, split, fresh))
+
+
+def _at_offset(mapping: torch.Tensor | None, shares: tuple[torch.Tensor, torch.Tensor] | None, offset: int,
+               width: int) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """net2net's mapping and shares for a consumer that reads ``width`` channels, the layer's at
+    ``offset`` (through a concat): channels of the other branches keep their columns whole."""
+    if mapping is None or shares is None:
+        return mapping, shares
+    old_share, new_share = shares
+    if offset == 0 and width == len(old_share):
+        return mapping, shares
+    full = torch.ones(width, device="cpu")
+    full[offset: offset + len(old_share)] = old_share
+    return mapping + offset, (full, new_share)
 
 
 def _add_norm(gm: fx.GraphModule, site: Site, c: int, k: int, step: GrowStep, state: GrowthState,
@@ -278,7 +340,7 @@ def _widen_into_grouped(gm: fx.GraphModule, site: Site, layer: nn.Module, step: 
         shares2 = winit.split_shares(sub.channels, mapping2)
 
     gm.set_submodule(site.layer, Widened(layer, _new_branch(layer, k, step.init, mapping), dim=1))
-    _split_batchnorms(gm, site, k, mapping)
+    _split_batchnorms(gm, site, k, mapping)  # the chain and any region BatchNorm before the grouped conv
     new = nn.Conv2d(k, k2, conv.kernel_size, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                     groups=m, bias=conv.bias is not None, padding_mode=conv.padding_mode).to(dtype=conv.weight.dtype)
     if mapping2 is not None:
@@ -287,10 +349,9 @@ def _widen_into_grouped(gm: fx.GraphModule, site: Site, layer: nn.Module, step: 
             if conv.bias is not None:
                 new.bias.copy_(conv.bias.detach()[mapping2])
     gm.set_submodule(sub.layer, GroupWidened(conv, new, split=site.channels))
-    _split_batchnorms(gm, sub, k2, mapping2)
-    _widen_excites(gm, sub, k2, step.init, mapping2)
-    _extend_consumers(gm, sub, k2, step, state, mapping2, shares2)
+    _grow_region(gm, sub, k2, step, state, mapping2, shares2)
     _add_norm(gm, sub, sub.channels, k2, step, state, named=site.layer)
+    _append_to_concats(gm, sub)
     state.grown.append(site.layer)
     return site
 
@@ -339,7 +400,8 @@ def deepen(gm: fx.GraphModule, step: GrowStep, state: GrowthState) -> Site:
         raise GrowthError(f"net2net deep growth is an identity only on non-negative inputs, but '{site.layer}' is not "
                           "followed by a ReLU (a GELU can be negative); use --init random")
     if k != c:
-        pretrained = [x.name for x in site.consumers if x.name not in state.fresh]
+        pretrained = [x.name for x in site.consumers if x.name not in state.fresh] + [
+            b for b, _ in site.region_batchnorms]
         if pretrained:
             raise GrowthError(
                 f"a block of {k} units after '{site.layer}' would change the input width of the pretrained "
@@ -348,7 +410,8 @@ def deepen(gm: fx.GraphModule, step: GrowStep, state: GrowthState) -> Site:
         for consumer in site.consumers:
             m = gm.get_submodule(consumer.name)
             target = m[0] if isinstance(m, nn.Sequential) else m
-            replacement = _default_head(target, k * consumer.positions, target.weight.shape[0])
+            # Through a concat the consumer also reads the other branches: only the layer's part changes width.
+            replacement = _default_head(target, (consumer.width - c + k) * consumer.positions, target.weight.shape[0])
             if isinstance(m, nn.Sequential):
                 m[0] = replacement
             else:

@@ -180,11 +180,23 @@ class TwoBranches(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
 
 
-def test_output_into_concat():
-    msg = refuse(TwoBranches(), [HeadStep(classes=3), GrowStep("wide", "a", 4)], size=16)
-    assert "cannot grow 'a'" in msg and "concat" in msg and "growable layers: c" in msg
-    msg = refuse(TwoBranches(), [HeadStep(classes=3), GrowStep("deep", "b", 8)], size=16)
-    assert "concat" in msg
+class ConcatIntoResidual(TwoBranches):
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1)
+        y = F.relu(self.c(y)) + y
+        return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+def test_output_into_concat_is_followed_to_what_reads_the_concat():
+    """A concat is followed through (tests/grow/test_concat_growth.py); what reads it decides."""
+    msg = refuse(ConcatIntoResidual(), [HeadStep(classes=3), GrowStep("wide", "a", 4)], size=16)
+    assert "cannot grow 'a'" in msg and "residual add" in msg
+    msg = refuse(TwoBranches(), [HeadStep(classes=3), GrowStep("deep", "b", 4)], size=16)
+    assert "would change the input width of the pretrained c from 8" in msg
 
 
 def test_output_into_a_product_with_another_branch():
