@@ -14,6 +14,7 @@ from surgeon.commands.export import export, verify
 from surgeon.commands.finetune import finetune
 from surgeon.commands.layers import layers
 from surgeon.commands.predict import bench, predict
+from surgeon.commands.quantize import quantize
 from surgeon.commands.serve import serve
 
 
@@ -36,6 +37,7 @@ cli.add_command(finetune)
 cli.add_command(demo)
 cli.add_command(export)
 cli.add_command(verify)
+cli.add_command(quantize)
 cli.add_command(build)
 cli.add_command(predict)
 cli.add_command(bench)

@@ -14,11 +14,18 @@ from surgeon.errors import SurgeonError
 # Decoded-pixel cap for predict, serve and training data. 64 M pixels is ~190 MB as RGB: any photo
 # (a 50 MP camera is 8688x5792) passes, a 12000x12000 decompression bomb does not.
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 MIN_OPSET, MAX_OPSET = 18, 23
 DEFAULT_OPSET = 18
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
+# surgeon quantize / export --precision int8: calibration (ONNX Runtime's calibrators), the images used
+# to calibrate (the rest of --calib is held out to measure agreement), the agreement a model needs to
+# be written, and where GrowNorm outputs' ranges come from ("gamma": |y_c| <= |gamma_c|, no calibration).
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+DEFAULT_CALIB_SAMPLES = 256
+DEFAULT_MIN_AGREEMENT = 0.99
+GROWNORM_RANGES = ("calibrated", "gamma")
 # Session / predict / bench / serve backends; "auto" picks by file.
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "trt", "torch")
 # surgeon build --builder: which TensorRT builds the engine.

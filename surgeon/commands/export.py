@@ -10,6 +10,7 @@ import click
 
 from surgeon.commands.build import engine_options, engine_paths, print_engine_report
 from surgeon.commands.common import CONTEXT, friendly_errors
+from surgeon.commands.quantize import make_options, print_quantize_report, quantize_options
 from surgeon.spec import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS, BatchRange
 
 
@@ -38,11 +39,13 @@ def _print_passes(passes: list[dict]) -> None:
               help="ONNX file to write [default: model.onnx next to GROWN].")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help=f"ONNX opset ({MIN_OPSET}-{MAX_OPSET}).")
 @click.option("--calib", type=click.Path(file_okay=False), default=None,
-              help="Folder of real images to verify on, besides random inputs.")
+              help="Folder of real images to verify on, besides random inputs (with --precision int8: to calibrate on).")
 @click.option("--batch", "batch_range", default=str(BatchRange()), show_default=True,
               help="MIN:OPT:MAX batch sizes to serve (recorded for engine builds; verified at MIN and up to 5).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=PRECISIONS[0], show_default=True,
-              help="fp16: fp16 weights and activations, GrowNorm in fp32, I/O stays fp32 (verified at 1e-2).")
+              help="fp16: fp16 weights and activations, GrowNorm in fp32, I/O stays fp32 (verified at 1e-2). int8: "
+                   "the folded graph quantized with --calib (see `surgeon quantize`), written only at --min-agreement.")
+@quantize_options
 @click.option("--no-fold", is_flag=True, help="Skip fold-gamma and merge-parallel (keep the grown structure; cleanup still runs).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="Write the passes' report (every candidate, what was done or why not) and the checks as JSON.")
@@ -54,8 +57,10 @@ def _print_passes(passes: list[dict]) -> None:
 @click.option("--triton-name", default=None, help="Model name in --triton-repo [default: the checkpoint's folder name].")
 @friendly_errors
 def export(grown: str, output: str | None, opset: int, calib: str | None, batch_range: str, precision: str,
-           no_fold: bool, report: str | None, trust_code: bool, trt: bool, plugin: str, timing_cache: str | None,
-           workspace_mb: int | None, builder: str, triton_repo: str | None, triton_name: str | None) -> None:
+           calib_samples: int, calib_method: str, grownorm_ranges: str, min_agreement: float, exclude: tuple[str, ...],
+           force: bool, data: str | None, no_fold: bool, report: str | None, trust_code: bool, trt: bool, plugin: str,
+           timing_cache: str | None, workspace_mb: int | None, builder: str, triton_repo: str | None,
+           triton_name: str | None) -> None:
     """Export a grown checkpoint to ONNX: dynamic batch, inputs `images` → `logits`, class names and
     preprocessing in the metadata, each GrowNorm one `surgeon::GrowNorm` node backed by a local
     function (ONNX Runtime runs the file as is). The file is written only after ONNX Runtime matches
@@ -66,11 +71,19 @@ def export(grown: str, output: str | None, opset: int, calib: str | None, batch_
       surgeon export runs/wide/grown.pt -o runs/wide/model.onnx --calib ~/data/flowers/val
       surgeon export runs/wide/grown.pt --trt --precision fp16 --batch 1:8:32
       surgeon export runs/wide/grown.pt --triton-repo model_repository --triton-name flowers
+      surgeon export runs/wide/grown.pt --precision int8 --calib ~/data/flowers/val -o runs/wide/model.int8.onnx
     """
     from surgeon.export.onnx_export import export_checkpoint
     from surgeon.fileio import atomic_write_text
 
     triton_model = _triton_model_name(triton_name, grown) if triton_repo else None  # before any write
+    quantization = None
+    if precision == "int8":
+        if calib is None:
+            raise click.UsageError("--precision int8 needs --calib DIR (images to calibrate on)")
+        quantization = make_options(calib, calib_samples, calib_method, grownorm_ranges, min_agreement, exclude, force, data)
+    elif exclude or force or data:
+        raise click.UsageError("--exclude, --force and --data are options of --precision int8")
     engine = None
     if trt:
         from surgeon.trt.build import choose_grownorm
@@ -82,12 +95,14 @@ def export(grown: str, output: str | None, opset: int, calib: str | None, batch_
             find_toolkit(builder)
         output, engine = (str(p) for p in engine_paths(output, Path(grown).with_name("model.onnx")))
     result = export_checkpoint(grown, output, opset=opset, trust_code=trust_code, calib=calib, fold=not no_fold,
-                               precision=precision, batch=BatchRange.parse(batch_range))
+                               precision=precision, batch=BatchRange.parse(batch_range), quantization=quantization)
     click.echo(f"wrote {result.path} ({precision}, {result.grownorm_nodes} GrowNorm node(s), opset {opset})")
     _print_passes(result.passes)
     click.echo(f"  ops before passes: {_ops(result.ops_before)}")
     click.echo(f"  ops after passes:  {_ops(result.ops_after)}")
     _print_checks(result.verifications)
+    if result.quantization is not None:
+        print_quantize_report(result.quantization)
     built = None
     if engine:
         from surgeon.trt.build import build_engine
@@ -107,6 +122,7 @@ def export(grown: str, output: str | None, opset: int, calib: str | None, batch_
             "onnx": str(result.path), "grownorm_nodes": result.grownorm_nodes, "passes": result.passes,
             "ops_before": result.ops_before, "ops_after": result.ops_after,
             "verification": [c.__dict__ | {"ok": c.ok} for c in result.verifications],
+            **({"quantization": result.quantization.to_dict()} if result.quantization else {}),
             **({"engine": built.to_dict()} if built else {})}, indent=2, ensure_ascii=False))
 
 

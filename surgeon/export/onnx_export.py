@@ -13,6 +13,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -23,6 +24,7 @@ from surgeon.checkpoint import Checkpoint, read_checkpoint
 from surgeon.errors import SurgeonError
 from surgeon.export import grownorm_op
 from surgeon.export.lean import LeanModel
+from surgeon.export.onnx_io import set_metadata  # noqa: F401  (re-exported: callers set metadata through the exporter)
 from surgeon.export.verify import FP32_TOLERANCE, Verification, torch_reference, verify
 from surgeon.grow.recipe import recipe_to_json
 # BatchRange, the names and the opset range live in surgeon.spec (torch-free: trt/ and the CLI import
@@ -38,6 +40,7 @@ class ExportResult:
     passes: list[dict] = field(default_factory=list)   # per pass: changed, skipped (with reasons)
     ops_before: dict[str, int] = field(default_factory=dict)
     ops_after: dict[str, int] = field(default_factory=dict)
+    quantization: Any = None   # a QuantizeResult for --precision int8 (surgeon.export.quantize)
 
     @property
     def grownorm_nodes(self) -> int:
@@ -100,14 +103,6 @@ def to_onnx(model: nn.Module, input_size: int, opset: int = DEFAULT_OPSET, batch
     return lean
 
 
-def set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
-    keep = [(p.key, p.value) for p in proto.metadata_props if p.key not in props]
-    del proto.metadata_props[:]
-    for key, value in [*keep, *props.items()]:
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-
-
 def save_onnx(model: LeanModel | onnx.ModelProto, path: str | Path) -> Path:
     """Atomic write; models over 2 GB keep their tensors in ``<path>.data``."""
     lean = model if isinstance(model, LeanModel) else LeanModel.from_proto(model)
@@ -116,17 +111,29 @@ def save_onnx(model: LeanModel | onnx.ModelProto, path: str | Path) -> Path:
 
 def export_checkpoint(grown: str | Path, output: str | Path | None = None, *, opset: int = DEFAULT_OPSET,
                       trust_code: bool = False, calib: str | None = None, tolerance: float | None = None,
-                      fold: bool = True, precision: str = "fp32", batch: BatchRange = BatchRange()) -> ExportResult:
+                      fold: bool = True, precision: str = "fp32", batch: BatchRange = BatchRange(),
+                      quantization: Any = None) -> ExportResult:
     """Export ``grown.pt`` to ONNX, run the graph passes (``fold=False``: cleanup only), verify
     against PyTorch after export and after every pass that changed the graph, and write the result
     (next to the checkpoint as ``model.onnx`` unless ``output`` is given). ``precision="fp16"``
-    converts the verified fp32 graph (GrowNorm stays fp32) and verifies it at the fp16 tolerance."""
+    converts the verified fp32 graph (GrowNorm stays fp32) and verifies it at the fp16 tolerance.
+    ``precision="int8"`` quantizes the verified, folded fp32 graph (so the folded weights are what
+    is quantized) with ``quantization`` (a :class:`~surgeon.export.quantize.QuantizeOptions`;
+    default: its defaults on the ``calib`` images) and writes it only if it agrees with fp32."""
     from surgeon.export.fp16 import FP16_TOLERANCE, to_fp16
     from surgeon.export.passes import default_passes
     from surgeon.export.passes.base import summarize
 
     if precision not in PRECISIONS:
-        raise SurgeonError(f"--precision must be fp32 or fp16, got {precision!r}")
+        raise SurgeonError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "int8":
+        from surgeon.export.quantize import QuantizeOptions
+
+        if quantization is None and calib is None:
+            raise SurgeonError("--precision int8 needs --calib DIR: images to calibrate the int8 ranges on "
+                               "(part of them is held out to measure agreement with fp32)")
+        quantization = quantization or QuantizeOptions(str(calib))
+        quantization.check()
     # One copy of the weights all the way: the checkpoint's tensors become the model's parameters (no
     # weight is initialized), the exported graph views them, and a pass that rewrites a tensor frees
     # the old one (the model is dropped below). Not memory-mapped: a mapping lives until its last
@@ -157,5 +164,14 @@ def export_checkpoint(grown: str | Path, output: str | Path | None = None, *, op
         lean = to_fp16(lean)
         set_metadata(lean.proto, {"surgeon.precision": "fp16"})
         checks.extend(verify(lean, reference, stage="fp16", tolerance=FP16_TOLERANCE if tolerance is None else tolerance))
+    quantized = None
+    if precision == "int8":
+        from surgeon.export.quantize import quantize_model
+
+        quantized = quantize_model(lean, quantization, source=str(grown))
+        lean = quantized.model
+        lean.check()
     lean.save(out)
-    return ExportResult(out, lean, checks, summarize(results), before, op_counts(lean))
+    if quantized is not None:
+        quantized.path = out
+    return ExportResult(out, lean, checks, summarize(results), before, op_counts(lean), quantized)

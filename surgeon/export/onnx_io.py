@@ -154,6 +154,15 @@ def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
         yield from in_nodes(function.node)
 
 
+def set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
+    """Set ``metadata_props`` entries (replacing those of the same keys, keeping the others in order)."""
+    keep = [(p.key, p.value) for p in proto.metadata_props if p.key not in props]
+    del proto.metadata_props[:]
+    for key, value in [*keep, *props.items()]:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
 def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """The graph inputs a caller feeds (not initializers that older files also list as inputs)."""
     initializers = {t.name for t in model.graph.initializer}
