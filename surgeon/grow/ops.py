@@ -334,9 +334,10 @@ def _widen_into_grouped(gm: fx.GraphModule, site: Site, layer: nn.Module, step: 
     k2 = m * w_out
     mapping = mapping2 = shares2 = None
     if step.init == "net2net":
+        # Index bookkeeping on the CPU whatever the default device (a checkpoint rebuild runs under meta).
         src = winit.copy_mapping(g, m)
-        mapping = (src[:, None] * w + torch.arange(w)).flatten()
-        mapping2 = (src[:, None] * w_out + torch.arange(w_out)).flatten()
+        mapping = (src[:, None] * w + torch.arange(w, device="cpu")).flatten()
+        mapping2 = (src[:, None] * w_out + torch.arange(w_out, device="cpu")).flatten()
         shares2 = winit.split_shares(sub.channels, mapping2)
 
     gm.set_submodule(site.layer, Widened(layer, _new_branch(layer, k, step.init, mapping), dim=1))

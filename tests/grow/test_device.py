@@ -108,3 +108,17 @@ def test_new_columns_are_made_where_the_consumer_weight_is(init):
     assert (extra.device.type, extra.dtype, tuple(extra.shape)) == ("meta", torch.float64, (6, 2))
     assert updated.device.type == "meta"
     assert mapping is None or mapping.device.type == "cpu"  # index bookkeeping stays on the CPU
+
+
+@pytest.mark.parametrize("family", ["mnasnet", "regnet_y"])
+def test_net2net_through_depthwise_and_grouped_convs_on_the_meta_device(family):
+    """net2net's group bookkeeping stays on the CPU under a meta model (a checkpoint's meta rebuild)."""
+    from tests.grow import test_depthwise_growth as dw
+
+    build, layer, conv, *_ = dw.FAMILIES[family]
+    units = 16 if family == "regnet_y" else 12
+    cpu, _ = grow(build(), [GrowStep("wide", layer, units, init="net2net")], dw.SIZE)
+    gm = surgeon.grow_model(build().to("meta"), [surgeon.Wide(layer, units, init="net2net")],
+                           input_size=dw.SIZE)
+    assert {t.device.type for t in _tensors(gm).values()} == {"meta"}
+    assert {k: t.shape for k, t in _tensors(gm).items()} == {k: t.shape for k, t in _tensors(cpu).items()}
