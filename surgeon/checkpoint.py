@@ -18,11 +18,12 @@ import torch
 from torch import fx
 
 from surgeon import __version__
-from surgeon.errors import CheckpointError
+from surgeon.errors import CheckpointError, GrowthError, SurgeonError, first_line
 from surgeon.fileio import atomic_write
 from surgeon.grow.analysis import trace
 from surgeon.grow.ops import GrowthState, apply_steps
 from surgeon.grow.recipe import Step, recipe_from_json, recipe_to_json
+from surgeon.log import LOG
 from surgeon.preprocessing import Preprocessing
 
 FORMAT = "surgeon.checkpoint"
@@ -64,14 +65,23 @@ class Checkpoint:
         (training would update this checkpoint's tensors too)."""
         built = None
         # Shared weights: build without writing any weight (on the meta device, or at least with
-        # the base architecture uninitialized) — each attempt refused or failed falls back to the next.
+        # the base architecture uninitialized); each attempt refused or failed falls back to the next.
+        failures = []
         for mode in ("meta", "uninitialized") if share_weights else ():
             try:
                 built = self._grow(trust_code, mode)
-            except Exception:
-                built = None
+            except SurgeonError as exc:
+                if not isinstance(exc, GrowthError):
+                    raise  # the user's to fix (code not trusted, unknown architecture): the full build says the same
+                failures.append(f"{mode}: {first_line(exc)[:200]}")
+            except Exception as exc:  # a model this way of building cannot handle: say so, then build it whole
+                failures.append(f"{mode}: {type(exc).__name__}: {first_line(exc)[:200]}")
             if built is not None:
                 break
+        if failures and built is None:
+            LOG.warning("rebuilding %s with one copy of the weights failed (%s); it is built with initialized "
+                        "weights first, which needs more memory", self.model,
+                        "; ".join(failures))
         gm, state = built or self._grow(trust_code, "ordinary")  # type: ignore[misc]
         try:
             gm.load_state_dict(self.state_dict, assign=share_weights)

@@ -50,8 +50,9 @@ class BaseModel:
     preprocessing: Preprocessing
 
 
-def build_architecture(spec: str, *, trust_code: bool = True) -> nn.Module:
-    """The randomly initialised architecture for ``spec`` (no weights are fetched)."""
+def build_architecture(spec: str, *, trust_code: bool = False) -> nn.Module:
+    """The randomly initialised architecture for ``spec`` (no weights are fetched). A spec naming user
+    code (a models/ file, ``module:factory``) is imported only with ``trust_code=True``."""
     if spec.startswith("torchvision:"):
         return _torchvision(spec.split(":", 1)[1], None)
     if spec.startswith("timm:"):

@@ -280,3 +280,26 @@ def test_checkpoint_with_bad_head_step_is_a_one_line_error(grown, tmp_path):
     p = tmp_path / "badhead.pt"
     torch.save(raw, p)
     error_of(surgeon.load, p, exc=SurgeonError)
+
+
+def test_one_copy_rebuild_that_fails_says_why_and_builds_whole(grown, monkeypatch, caplog):
+    """The shared-weights build falls back to a full-memory build with a warning that gives the reason."""
+    from surgeon.checkpoint import Checkpoint, read_checkpoint
+
+    gm, path = grown
+    real = Checkpoint._grow
+
+    def fail_unless_ordinary(self, trust_code, mode):
+        if mode != "ordinary":
+            raise NotImplementedError(f"no {mode} build for this model")
+        return real(self, trust_code, mode)
+
+    monkeypatch.setattr(Checkpoint, "_grow", fail_unless_ordinary)
+    with caplog.at_level("WARNING", logger="surgeon"):
+        rebuilt = read_checkpoint(path).build_model(share_weights=True)
+    (record,) = [r for r in caplog.records if "one copy of the weights failed" in r.getMessage()]
+    assert "meta: NotImplementedError: no meta build" in record.getMessage()
+    assert "uninitialized: NotImplementedError" in record.getMessage()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), gm.eval()(x))
