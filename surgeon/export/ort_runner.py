@@ -9,10 +9,14 @@ import numpy as np
 import onnx
 
 from surgeon.export.lean import LeanModel
+from surgeon.runner import run_batched  # noqa: F401  (re-exported: quantization's agreement checks use it)
 
 
 class OrtRunner:
-    """An ONNX Runtime (CPU) session that feeds a LeanModel's weights along with the input."""
+    """An ONNX Runtime (CPU) session that feeds a LeanModel's weights along with the input
+    (a :class:`surgeon.runner.Runner`)."""
+
+    backend = "ort-cpu"
 
     def __init__(self, model: LeanModel | onnx.ModelProto | str | Path):
         from surgeon.onnxrt import open_session
@@ -49,6 +53,3 @@ def _has_external_data(path: Path) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)
 
 
-def run_batched(runner: OrtRunner, x: np.ndarray, batch: int = 32) -> np.ndarray:
-    """Logits of ``x`` in chunks of ``batch`` (bounded activation memory for a large set of images)."""
-    return np.concatenate([runner.run(x[i:i + batch]) for i in range(0, len(x), batch)])

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from surgeon.errors import SurgeonError
+from surgeon.runner import Runner
 from surgeon.runtime.artifact import Artifact, read_artifact
 from surgeon.spec import BACKENDS
 
@@ -70,7 +71,7 @@ class Session:
         self._transform = None
         self.batch_shape = _batch_shape(self.artifact)
 
-    def _open(self, threads: int | None, trust_code: bool) -> Any:
+    def _open(self, threads: int | None, trust_code: bool) -> Runner:
         art = self.artifact
         if self.backend == "torch":
             from surgeon.runtime.backends.torch_eager import TorchRunner

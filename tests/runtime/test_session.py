@@ -186,3 +186,20 @@ def test_bench_interleaves_and_reports(grown, tmp_path):
     assert doc["iters"] == 3 and "ratio" not in doc["runs"][0] and doc["runs"][0]["results"][0]["calls"] == 3
     res = CliRunner().invoke(cli, ["bench", str(onnx_path), "--batch", "x"])
     assert res.exit_code == 1 and "--batch must be comma-separated integers" in res.output
+
+
+def test_every_backend_and_verification_run_through_one_runner_protocol(grown):
+    """Session's backends and the verification runner are all surgeon.runner.Runner: `backend` and
+    `run(batch) -> logits`; the in-memory verification runner and the file backend agree."""
+    from surgeon.export.ort_runner import OrtRunner as VerificationRunner
+    from surgeon.runner import Runner, run_batched
+
+    ckpt, onnx_path = grown
+    x = np.random.default_rng(1).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    runners = [Session(onnx_path, "ort-cpu")._runner, Session(ckpt, "torch")._runner, VerificationRunner(onnx_path)]
+    assert all(isinstance(r, Runner) for r in runners)
+    assert [r.backend for r in runners] == ["ort-cpu", "torch", "ort-cpu"]
+    outs = [run_batched(r, x, batch=2) for r in runners]
+    for out in outs[1:]:
+        np.testing.assert_allclose(out, outs[0], rtol=1e-4, atol=1e-4)
+    assert not isinstance(object(), Runner)
