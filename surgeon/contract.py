@@ -11,4 +11,6 @@ OP_TYPE = "GrowNorm"         # the ONNX node's op type and the TensorRT plugin's
 PLUGIN_NAMESPACE = "surgeon"
 PLUGIN_VERSION = "1"
 DEFAULT_EPS = 1e-6
+PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{OP_TYPE}"  # how tensorrt.plugin names the plugin
 AXES = (1, -1)  # the channel axis: dim 1 ([N, C, ...]) or the last dim ([N, ..., C])
+DEFAULT_AXIS = 1  # a GrowNorm node without ``axis`` normalizes dim 1

@@ -42,15 +42,14 @@ from typing import List, Tuple, Union
 import numpy as np
 import numpy.typing as npt
 
-PLUGIN_ID = "surgeon::GrowNorm"
+from surgeon.contract import DEFAULT_AXIS, DOMAIN, OP_TYPE, PLUGIN_ID  # noqa: F401  (the one place the contract is spelled)
+
 # Tactic → (tile budget: elements of one [BLOCK_C, BLOCK_S] tile, whole groups: every group one
 # chunk, each element read once, where that fits the budget). TensorRT times them all and keeps the fastest.
 TACTICS = {1: (4096, False), 2: (2048, False), 3: (8192, False), 4: (8192, True)}
 DEFAULT_TACTIC = 1
 _REGISTERED = False
 
-
-DEFAULT_AXIS = 1  # a GrowNorm node without ``axis`` normalizes dim 1
 
 
 def spatial_size(shape, axis: int = DEFAULT_AXIS) -> int | None:
@@ -96,7 +95,7 @@ def with_explicit_axis(model):
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for node in out.graph.node:
-        if node.op_type == "GrowNorm" and node.domain == "surgeon" and not any(a.name == "axis" for a in node.attribute):
+        if node.op_type == OP_TYPE and node.domain == DOMAIN and not any(a.name == "axis" for a in node.attribute):
             node.attribute.append(onnx.helper.make_attribute("axis", DEFAULT_AXIS))
     return out
 

@@ -23,10 +23,8 @@ import onnx
 from onnx import helper
 from onnx.defs import OpSchema
 
-DOMAIN = "surgeon"
-OP_TYPE = "GrowNorm"
-PLUGIN_NAMESPACE = "surgeon"
-PLUGIN_VERSION = "1"
+from surgeon.contract import DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION  # noqa: F401  (re-exported)
+
 FUNCTION_OPSET = 18   # the standard-op opset the function body is written against
 BLOCK_CAP = 64        # largest channel block f (a power of two) the body uses where S = 1
 
