@@ -153,7 +153,7 @@ def read_raw(path: str | Path, map_location: str = "cpu") -> Any:
                                   "(save weights with torch.save(model.state_dict(), path))") from None
         raise CheckpointError(f"{p} is corrupt or not a torch checkpoint (torch.load cannot read it)") from None
     except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CheckpointError(f"{p} is corrupt or not a torch checkpoint ({first})") from None
 
 

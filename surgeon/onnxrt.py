@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import SurgeonError, first_line
 
 
 def ort_errors() -> tuple[type[BaseException], ...]:
@@ -22,7 +22,7 @@ def ort_errors() -> tuple[type[BaseException], ...]:
 def ort_message(exc: BaseException) -> str:
     """ONNX Runtime's message in one readable line: without its ``[ONNXRuntimeError] : 2 : KIND :``
     prefix and the C++ source location and failed condition it embeds."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = first_line(exc)
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
     text = re.sub(r"\S*onnxruntime_src/\S+:\d+ .*? was false\. ", "", text)
     return text[:300]

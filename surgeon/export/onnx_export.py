@@ -21,7 +21,7 @@ from torch import nn
 
 from surgeon import __version__
 from surgeon.checkpoint import Checkpoint, read_checkpoint
-from surgeon.errors import SurgeonError
+from surgeon.errors import SurgeonError, first_line
 from surgeon.export import grownorm_op
 from surgeon.export.lean import LeanModel
 from surgeon.export.onnx_io import set_metadata  # noqa: F401  (re-exported: callers set metadata through the exporter)
@@ -151,7 +151,7 @@ def export_checkpoint(grown: str | Path, output: str | Path | None = None, *, op
     try:
         lean.check()
     except onnx.checker.ValidationError as exc:
-        raise SurgeonError(f"the exported model is not valid ONNX: {str(exc).splitlines()[0]}") from None
+        raise SurgeonError(f"the exported model is not valid ONNX: {first_line(exc)}") from None
     fp32_tol = FP32_TOLERANCE if tolerance is None else tolerance
     checks = verify(lean, reference, stage="export", tolerance=fp32_tol)
     before = op_counts(lean)

@@ -18,7 +18,7 @@ import onnx
 from onnx import helper
 from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model, uses_external_data
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import SurgeonError, first_line
 
 # Elements per byte of the packed types (their numpy stand-ins take a byte per element).
 _SUB_BYTE_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in
@@ -81,7 +81,7 @@ def _check_tensor(tensor: onnx.TensorProto, folder: Path) -> ExternalTensor:
     try:
         info = ExternalDataInfo(tensor)  # onnx's own parsing: integer, non-negative offset and length
     except ValueError as exc:
-        raise refuse(f"at {where} has a bad offset or length ({str(exc).splitlines()[0][:200]})") from None
+        raise refuse(f"at {where} has a bad offset or length ({first_line(exc)[:200]})") from None
     if os.path.isabs(location) or location.startswith(("/", "\\")):
         raise refuse(f"{where} is an absolute path, outside the model's folder")
     if ".." in Path(location.replace("\\", "/")).parts:

@@ -29,7 +29,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import SurgeonError, first_line
 from surgeon.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 BUILTIN_ARCHS = ("digitnet",)
@@ -211,7 +211,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise SurgeonError(f"{p} is not a weights file torch can load safely ({first})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
@@ -230,7 +230,7 @@ def _load_safetensors(p: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(p), device="cpu")
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)[:200]
         raise SurgeonError(f"{p} is not a readable safetensors file ({first})") from None
 
 
