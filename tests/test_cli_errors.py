@@ -38,3 +38,22 @@ def test_a_surgeon_error_is_re_raised_under_debug(monkeypatch):
     assert res.exception is not None and type(res.exception).__name__.endswith("Error")
     res = CliRunner().invoke(cli, ["layers", "--model", "torchvision:no_such_net"])
     assert res.exit_code == 1 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`surgeon layers ... | head`: the reader closing the pipe is no error and no surgeon bug."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from surgeon.commands.common import friendly_errors\n"
+            "@friendly_errors\n"
+            "def main():\n"
+            "    for i in range(10**6):\n"
+            "        print('layer', i)\n"
+            "main()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # what `head -1` does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141
+    assert err == ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import os
 import sys
 
@@ -26,6 +27,16 @@ def _command_name() -> str:
     return ctx.info_name if ctx and ctx.info_name else "this command"
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not raise BrokenPipeError again
+    (Python's documented recipe for SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # no real file behind stdout
+        pass
+
+
 def friendly_errors(fn):
     """Bad input ends as one line on stderr and exit code 1, not a traceback; an unexpected failure
     is one line too (exit 2), saying how to get its traceback."""
@@ -46,6 +57,9 @@ def friendly_errors(fn):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # `surgeon layers ... | head`: the reader has what it wanted
+            _silence_stdout()
+            sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a tool that stopped on a closed pipe
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
         except ImportError as exc:  # a deploy-only install running a training command
