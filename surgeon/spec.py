@@ -26,6 +26,9 @@ CALIB_METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_CALIB_SAMPLES = 256
 DEFAULT_MIN_AGREEMENT = 0.99
 GROWNORM_RANGES = ("calibrated", "gamma")
+# Who runs the int8 file: TensorRT (int8 activations with zero point 0; ONNX Runtime runs it too) or
+# ONNX Runtime on a CPU (uint8 activations, its fast x86 kernels; TensorRT refuses the zero points).
+QUANT_TARGETS = ("tensorrt", "ort-cpu")
 # Session / predict / bench / serve backends; "auto" picks by file.
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "trt", "torch")
 # surgeon build --builder: which TensorRT builds the engine.

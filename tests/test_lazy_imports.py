@@ -55,3 +55,8 @@ def test_cli_choices_are_the_library_constants():
     for command in ("build", "export"):
         assert choices(command, "builder") == BUILDERS and choices(command, "plugin") == PLUGIN_CHOICES
         assert choices(command, "precision") == PRECISIONS
+    from surgeon.spec import CALIB_METHODS, GROWNORM_RANGES, QUANT_TARGETS
+
+    for command in ("quantize", "export"):
+        assert choices(command, "calib_method") == CALIB_METHODS and choices(command, "target") == QUANT_TARGETS
+        assert choices(command, "grownorm_ranges") == GROWNORM_RANGES

@@ -8,7 +8,7 @@ import json
 import click
 
 from surgeon.commands.common import CONTEXT, friendly_errors
-from surgeon.spec import CALIB_METHODS, DEFAULT_CALIB_SAMPLES, DEFAULT_MIN_AGREEMENT, GROWNORM_RANGES
+from surgeon.spec import CALIB_METHODS, DEFAULT_CALIB_SAMPLES, DEFAULT_MIN_AGREEMENT, GROWNORM_RANGES, QUANT_TARGETS
 
 
 def quantize_options(fn):
@@ -19,6 +19,9 @@ def quantize_options(fn):
                      help="Images of --calib to calibrate on (at most half of it); the rest is held out to measure agreement."),
         click.option("--calib-method", type=click.Choice(CALIB_METHODS), default=CALIB_METHODS[0], show_default=True,
                      help="How activation ranges are chosen from the calibration images (ONNX Runtime's calibrators)."),
+        click.option("--target", type=click.Choice(QUANT_TARGETS), default=QUANT_TARGETS[0], show_default=True,
+                     help="tensorrt: int8 activations with zero point 0 (TensorRT builds it; ONNX Runtime runs it too). "
+                          "ort-cpu: uint8 activations, for ONNX Runtime's fast x86 kernels (TensorRT refuses it)."),
         click.option("--grownorm-ranges", type=click.Choice(GROWNORM_RANGES), default=GROWNORM_RANGES[0], show_default=True,
                      help="Ranges of GrowNorm outputs: calibrated, or gamma: |y| <= max|γ| by construction (no calibration). "
                           "The report compares both."),
@@ -35,24 +38,26 @@ def quantize_options(fn):
     return fn
 
 
-def make_options(calib: str, calib_samples: int, calib_method: str, grownorm_ranges: str, min_agreement: float,
-                 exclude: tuple[str, ...], force: bool, data: str | None):
+def make_options(calib: str, calib_samples: int, calib_method: str, target: str, grownorm_ranges: str,
+                 min_agreement: float, exclude: tuple[str, ...], force: bool, data: str | None):
     from surgeon.export.quantize import QuantizeOptions
 
-    options = QuantizeOptions(calib, calib_samples, calib_method, min_agreement, tuple(exclude), force, grownorm_ranges, data)
+    options = QuantizeOptions(calib, calib_samples, calib_method, min_agreement, tuple(exclude), force, grownorm_ranges,
+                              data, target)
     options.check()
     return options
 
 
 def _agreement(a) -> str:
     return (f"top-1 agreement {a.top1:.4f}, max |err| {a.max_abs_err:.2e}, mean |err| {a.mean_abs_err:.2e} "
-            f"(logits' scale {a.scale:.3g})")
+            f"(logits' scale {a.scale:.3g}, median top-1 margin {a.margin:.3g})")
 
 
 def print_quantize_report(result) -> None:
     n_quant = len(result.quantized)
-    click.echo(f"  int8      {n_quant} Conv/Gemm/MatMul node(s) with int8 inputs and weights (per-channel), GrowNorm and "
-               f"the logits in float; {result.method} calibration on {result.calibration_images} image(s)")
+    acts = "int8 inputs" if result.target == "tensorrt" else "uint8 inputs"
+    click.echo(f"  int8      {n_quant} Conv/Gemm/MatMul node(s) with {acts} and int8 weights (per-channel), GrowNorm and "
+               f"the logits in float, for {result.target}; {result.method} calibration on {result.calibration_images} image(s)")
     click.echo(f"  held out  {result.held_out.images} image(s): {_agreement(result.held_out)}")
     if result.alternative is not None:
         other = "gamma" if result.grownorm_ranges == "calibrated" else "calibrated"
@@ -80,8 +85,9 @@ def print_quantize_report(result) -> None:
 @quantize_options
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the quantization report as JSON.")
 @friendly_errors
-def quantize(model: str, calib: str, output: str | None, calib_samples: int, calib_method: str, grownorm_ranges: str,
-             min_agreement: float, exclude: tuple[str, ...], force: bool, data: str | None, report: str | None) -> None:
+def quantize(model: str, calib: str, output: str | None, calib_samples: int, calib_method: str, target: str,
+             grownorm_ranges: str, min_agreement: float, exclude: tuple[str, ...], force: bool, data: str | None,
+             report: str | None) -> None:
     """Quantize an exported fp32 ONNX to INT8 with explicit Quantize/Dequantize nodes (what TensorRT's
     strongly typed networks and ONNX Runtime run): per-channel symmetric int8 weights and per-tensor
     int8 inputs for every Conv/Gemm/MatMul, calibrated on part of --calib; GrowNorm stays float.
@@ -98,7 +104,7 @@ def quantize(model: str, calib: str, output: str | None, calib_samples: int, cal
     from surgeon.export.quantize import quantize_file
     from surgeon.fileio import atomic_write_text
 
-    options = make_options(calib, calib_samples, calib_method, grownorm_ranges, min_agreement, exclude, force, data)
+    options = make_options(calib, calib_samples, calib_method, target, grownorm_ranges, min_agreement, exclude, force, data)
     out = Path(output) if output else Path(model).with_suffix(".int8.onnx")
     result = quantize_file(model, out, options)
     click.echo(f"wrote {result.path}")

@@ -43,7 +43,7 @@ from surgeon.export.calibration import image_files, labelled_images, load_images
 from surgeon.export.lean import LeanModel
 from surgeon.export.onnx_io import set_metadata
 from surgeon.export.ort_runner import OrtRunner, run_batched
-from surgeon.spec import CALIB_METHODS, DEFAULT_CALIB_SAMPLES, DEFAULT_MIN_AGREEMENT, GROWNORM_RANGES
+from surgeon.spec import CALIB_METHODS, DEFAULT_CALIB_SAMPLES, DEFAULT_MIN_AGREEMENT, GROWNORM_RANGES, QUANT_TARGETS
 
 OP_TYPES = ("Conv", "Gemm", "MatMul")
 # Ops through which a bound |v| <= b on every element still holds (GrowNorm's γ bound reaches the
@@ -66,8 +66,11 @@ class QuantizeOptions:
     force: bool = False
     grownorm_ranges: str = "calibrated"
     data: str | None = None
+    target: str = "tensorrt"
 
     def check(self) -> None:
+        if self.target not in QUANT_TARGETS:
+            raise SurgeonError(f"--target must be one of {', '.join(QUANT_TARGETS)}, got {self.target!r}")
         if self.method not in CALIB_METHODS:
             raise SurgeonError(f"--calib-method must be one of {', '.join(CALIB_METHODS)}, got {self.method!r}")
         if self.grownorm_ranges not in GROWNORM_RANGES:
@@ -85,12 +88,14 @@ class Agreement:
     max_abs_err: float
     mean_abs_err: float
     scale: float           # max |fp32 logit|: the errors' yardstick
+    margin: float = 0.0    # median fp32 gap between the top two logits: flips happen where the error reaches it
 
     @classmethod
     def of(cls, reference: np.ndarray, actual: np.ndarray) -> Agreement:
         err = np.abs(reference.astype(np.float64) - actual.astype(np.float64))
+        top2 = np.sort(reference, axis=1)[:, -2:] if reference.shape[1] > 1 else np.zeros((len(reference), 2))
         return cls(len(reference), float(np.mean(reference.argmax(1) == actual.argmax(1))), float(err.max()),
-                   float(err.mean()), float(np.abs(reference).max()))
+                   float(err.mean()), float(np.abs(reference).max()), float(np.median(top2[:, 1] - top2[:, 0])))
 
 
 @dataclass
@@ -118,6 +123,7 @@ class QuantizeResult:
     accuracy: dict | None = None              # --data: fp32 and int8 accuracy on labelled images
     sensitivity: list[dict] = field(default_factory=list)  # computed when below min_agreement
     below_min_agreement: bool = False         # written anyway (force)
+    target: str = "tensorrt"
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "model"}
@@ -156,26 +162,30 @@ def _initializer(model: LeanModel, name: str) -> np.ndarray | None:
     return None if found is None else numpy_helper.to_array(found)
 
 
-def grownorm_bounds(model: LeanModel) -> dict[str, tuple[str, float]]:
-    """tensor → (GrowNorm node, bound): every GrowNorm output and what bound-preserving ops make of
-    it, bounded by max |γ| (γ = 1 where the node has none, as after fold-gamma)."""
+def grownorm_bounds(model: LeanModel) -> dict[str, tuple[str, float, float]]:
+    """tensor → (GrowNorm node, low, high): every GrowNorm output and what bound-preserving ops make
+    of it lies in [-max|γ|, max|γ|] (γ = 1 where the node has none, as after fold-gamma), in
+    [0, max γ] where it is non-negative (a Relu's output normalized with γ >= 0, or a Relu on the way)."""
     proto = model.proto
+    producer = {o: n for n in proto.graph.node for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in proto.graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    bounds: dict[str, tuple[str, float]] = {}
+    bounds: dict[str, tuple[str, float, float]] = {}
     for n in proto.graph.node:
         if n.op_type != OP_TYPE or n.domain != DOMAIN:
             continue
         gamma = _initializer(model, n.input[1]) if len(n.input) > 1 and n.input[1] else None
         bound = float(np.max(np.abs(gamma))) if gamma is not None and gamma.size else 1.0
-        todo = [n.output[0]]
+        source = producer.get(n.input[0])
+        signed = not (source is not None and source.op_type == "Relu" and (gamma is None or gamma.min() >= 0))
+        todo = [(n.output[0], signed)]
         while todo:
-            t = todo.pop()
-            bounds[t] = (n.name, bound)
-            todo += [c.output[0] for c in consumers.get(t, []) if c.op_type in _BOUND_PRESERVING and not c.domain
-                     and c.input[0] == t]
+            t, signed = todo.pop()
+            bounds[t] = (n.name, -bound if signed else 0.0, bound)
+            todo += [(c.output[0], signed and c.op_type != "Relu") for c in consumers.get(t, [])
+                     if c.op_type in _BOUND_PRESERVING and not c.domain and c.input[0] == t]
     return bounds
 
 
@@ -259,37 +269,43 @@ class _Quantizer:
     """Calibrates once (ONNX Runtime's calibration cache in a private folder), then quantizes
     variants of one model from the same ranges: the model itself, one layer at a time, other ranges."""
 
-    def __init__(self, model: LeanModel, images: np.ndarray, method: str, workdir: Path) -> None:
+    def __init__(self, model: LeanModel, images: np.ndarray, method: str, workdir: Path, target: str = "tensorrt") -> None:
         # A file, not a ModelProto: ONNX Runtime's quantizer moves an in-memory model's tensors to
         # external data in its own temporary folder, which a second call would then miss.
         self.source = model.save(workdir / "fp32.onnx")[0]
         self.large = model.is_large()
         self.input = model.inputs[0].name
         self.method = method
+        self.target = target
         self.workdir = workdir
         self.cache = workdir / "ranges.json"
         self._images = images
         self._count = 0
 
     def quantize(self, *, exclude: list[str], only: list[str] | None = None,
-                 overrides: dict[str, float] | None = None) -> LeanModel:
+                 overrides: dict[str, tuple[float, float]] | None = None) -> LeanModel:
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
         if not self.cache.is_file():
             self._calibrate()
         self._count += 1
         out = self.workdir / f"q{self._count}.onnx"
+        trt = self.target == "tensorrt"
         extra = {
-            "ActivationSymmetric": True,            # TensorRT: int8 activations with zero point 0
+            # TensorRT: int8 activations with zero point 0. ONNX Runtime on x86 runs uint8 x int8
+            # (U8S8) kernels; int8 activations there are slower than fp32 (BENCHMARKS.md), so the
+            # ort-cpu target takes uint8 activations with their own zero points, as ONNX Runtime advises.
+            "ActivationSymmetric": trt,
             "WeightSymmetric": True,
             "QuantizeBias": False,                  # TensorRT's parser rejects int32 DequantizeLinear
-            "QDQKeepRemovableActivations": True,    # keep Relu explicit: TensorRT fuses it, the graph means what it says
-            "TensorQuantOverrides": {t: [{"rmin": np.float32(-b), "rmax": np.float32(b)}] for t, b in (overrides or {}).items()},
+            "QDQKeepRemovableActivations": trt,     # keep Relu explicit for TensorRT (it fuses it); ORT folds it into the zero point
+            "TensorQuantOverrides": {t: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for t, (lo, hi) in (overrides or {}).items()},
         }
         with _quiet():
             try:
                 quantize_static(self.source, out, None, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(OP_TYPES),
-                                per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                per_channel=True, activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
+                                weight_type=QuantType.QInt8,
                                 nodes_to_quantize=only, nodes_to_exclude=list(exclude), calibrate_method=_methods()[self.method],
                                 use_external_data_format=self.large, extra_options=extra,
                                 calibration_cache_path=self.cache)
@@ -366,8 +382,8 @@ def quantize_model(model: LeanModel, options: QuantizeOptions, *, source: str = 
     quantized_inputs = _quantized_inputs(proto, exclude)
     bounds = {t: b for t, b in grownorm_bounds(model).items() if t in quantized_inputs}
     with tempfile.TemporaryDirectory(prefix="surgeon-quantize-") as tmp:
-        q = _Quantizer(model, calib_x, options.method, Path(tmp))
-        variants = {"calibrated": None, "gamma": {t: b for t, (_, b) in bounds.items()}}
+        q = _Quantizer(model, calib_x, options.method, Path(tmp), options.target)
+        variants = {"calibrated": None, "gamma": {t: (lo, hi) for t, (_, lo, hi) in bounds.items()}}
         chosen = options.grownorm_ranges
         int8 = q.quantize(exclude=exclude, overrides=variants[chosen])
         held = Agreement.of(reference, run_batched(OrtRunner(int8), held_x))
@@ -375,7 +391,7 @@ def quantize_model(model: LeanModel, options: QuantizeOptions, *, source: str = 
         if bounds:  # compare the other choice of GrowNorm ranges on the same images
             other = "gamma" if chosen == "calibrated" else "calibrated"
             alternative = Agreement.of(reference, run_batched(OrtRunner(q.quantize(exclude=exclude, overrides=variants[other])), held_x))
-        ranges = [RangeNote(t, g, q.calibrated_range(t) or 0.0, b) for t, (g, b) in sorted(bounds.items())]
+        ranges = [RangeNote(t, g, q.calibrated_range(t) or 0.0, hi) for t, (g, _, hi) in sorted(bounds.items())]
         accuracy = None
         if labelled is not None and data_x is not None:
             labels = labelled[1]
@@ -383,20 +399,20 @@ def quantize_model(model: LeanModel, options: QuantizeOptions, *, source: str = 
                         "fp32": float(np.mean(run_batched(fp32, data_x).argmax(1) == labels)),
                         "int8": float(np.mean(run_batched(OrtRunner(int8), data_x).argmax(1) == labels))}
         result = QuantizeResult(None, int8, options.method, len(parts.calibration), held, chosen, alternative, ranges,
-                                quantized_nodes(int8.proto), exclude, accuracy)
+                                quantized_nodes(int8.proto), exclude, accuracy, target=options.target)
         if held.top1 < options.min_agreement:
             result.sensitivity = _sensitivity(q, proto, exclude, reference, held_x, variants[chosen])
             result.below_min_agreement = True
             if not options.force:
                 raise SurgeonError(refusal(result, options.min_agreement))
     set_metadata(int8.proto, {"surgeon.precision": "int8", "surgeon.quantization": json.dumps({
-        "library": "onnxruntime.quantization", "method": options.method, "calibration_images": len(parts.calibration),
+        "library": "onnxruntime.quantization", "target": options.target, "method": options.method, "calibration_images": len(parts.calibration),
         "held_out_images": held.images, "top1_agreement": held.top1, "grownorm_ranges": chosen, "excluded": exclude})})
     return result
 
 
 def _sensitivity(q: _Quantizer, proto: onnx.ModelProto, exclude: list[str], reference: np.ndarray, held_x: np.ndarray,
-                 overrides: dict[str, float] | None) -> list[dict]:
+                 overrides: dict[str, tuple[float, float]] | None) -> list[dict]:
     """Each layer quantized alone, ranked by its top-1 agreement (what --min-agreement judges), then
     by mean logit error (the finer measure where few images flip), on (part of) the held-out images."""
     n = min(len(held_x), SENSITIVITY_IMAGES)

@@ -78,6 +78,13 @@ def _graph_precision(model: onnx.ModelProto) -> str:
     return "fp16" if fp16 else "fp32"
 
 
+def _quantization_target(meta: dict[str, str]) -> str | None:
+    try:
+        return json.loads(meta.get("surgeon.quantization", "{}")).get("target")
+    except (ValueError, AttributeError):
+        return None
+
+
 def choose_grownorm(tk: Toolkit, plugin: str, nodes: int) -> tuple[str, str]:
     """(implementation, why) for the GrowNorm nodes."""
     if plugin not in PLUGIN_CHOICES:
@@ -170,6 +177,9 @@ def build_engine(onnx_path: str | Path, output: str | Path | None = None, *, bat
     header = load_onnx(path, load_external_data=False)
     meta = {p.key: p.value for p in header.metadata_props}
     graph_precision = _graph_precision(header)
+    if graph_precision == "int8" and _quantization_target(meta) == "ort-cpu":
+        raise SurgeonError(f"{path.name} was quantized for ONNX Runtime on a CPU (uint8 activations with zero points), "
+                           f"which TensorRT does not take: quantize with --target tensorrt")
     if precision is not None and precision != graph_precision:
         raise SurgeonError(f"{path.name} is an {graph_precision} graph, but {precision} was asked: TensorRT builds "
                            f"strongly typed networks, so precision comes from the graph (export with --precision {precision})")

@@ -103,6 +103,7 @@ def test_digitnet_int8_is_valid_runs_and_agrees(int8, grown, digits):
     assert int8.calibration_images == 100 and int8.held_out.images == 100
     assert int8.held_out.top1 >= 0.99 and int8.held_out.max_abs_err < 0.1 * int8.held_out.scale
     assert int8.held_out.max_abs_err > 1e-5  # really int8 arithmetic, not a copy of fp32
+    assert int8.held_out.margin > 5 * int8.held_out.max_abs_err  # why nothing flips: a trained model's classes stand apart
     assert int8.accuracy["images"] == 200 and int8.accuracy["int8"] >= int8.accuracy["fp32"] - 0.02 >= 0.9
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
     a = ort.InferenceSession(str(grown[1])).run(None, {"images": x})[0]
@@ -137,6 +138,20 @@ def test_gamma_ranges_set_the_scale_from_gamma(grown, digits, tmp_path, int8):
     # each run reports the other choice on the same held-out images
     assert result.alternative.top1 == int8.held_out.top1 and result.held_out.top1 == int8.alternative.top1
     assert result.alternative.mean_abs_err == pytest.approx(int8.held_out.mean_abs_err)
+
+
+def test_ort_cpu_target_has_uint8_activations_and_gamma_ranges_from_zero(grown, digits, int8, tmp_path):
+    result = quantize_file(grown[1], tmp_path / "cpu.onnx", QuantizeOptions(str(digits), target="ort-cpu",
+                                                                            grownorm_ranges="gamma"))
+    model = onnx.load(result.path)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    quants = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert quants and all(inits[n.input[2]].dtype == np.uint8 for n in quants)
+    # GrowNorm reads a Relu and γ = 1: its output lies in [0, 1], all 256 levels of uint8
+    q = next(n for n in quants if n.input[0] == int8.ranges[0].tensor)
+    assert float(inits[q.input[1]]) == pytest.approx(1.0 / 255, rel=1e-6) and int(inits[q.input[2]]) == 0
+    assert result.target == "ort-cpu" and result.held_out.top1 >= 0.99
+    assert json.loads({p.key: p.value for p in model.metadata_props}["surgeon.quantization"])["target"] == "ort-cpu"
 
 
 def test_excluded_layers_stay_float(grown, digits, tmp_path):
@@ -317,3 +332,8 @@ def test_grown_resnet18_quantizes_with_agreement(tmp_path):
     assert [n.op_type for n in model.graph.node].count("GrowNorm") == 1 and len(result.ranges) == 1
     assert result.held_out.images == 80 and result.held_out.top1 >= 0.95
     assert result.held_out.mean_abs_err < 0.05 * result.held_out.scale
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu12 is not installed")
+    from surgeon.trt.build import build_engine
+
+    report = build_engine(result.path, tmp_path / "model.int8.engine", builder="tensorrt-rtx", precision="int8")
+    assert report.engine_bytes > 1_000_000 and report.grownorm_nodes == 1

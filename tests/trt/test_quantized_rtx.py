@@ -33,3 +33,12 @@ def test_cli_build_checks_the_graph_is_quantized(int8, grown, tmp_path):  # noqa
     res = runner.invoke(cli, ["build", str(grown[1]), "-o", str(tmp_path / "f.engine"), "--precision", "int8",
                               "--builder", "tensorrt-rtx"])
     assert res.exit_code == 1 and "is an fp32 graph, but int8 was asked" in res.output
+
+
+def test_ort_cpu_target_is_refused_before_parsing(grown, digits, tmp_path):  # noqa: F811
+    from surgeon.export.quantize import QuantizeOptions, quantize_file
+
+    cpu = quantize_file(grown[1], tmp_path / "cpu.onnx", QuantizeOptions(str(digits), target="ort-cpu")).path
+    with pytest.raises(SurgeonError, match="quantized for ONNX Runtime on a CPU .* quantize with --target tensorrt"):
+        build_engine(cpu, tmp_path / "cpu.engine", builder="tensorrt-rtx")
+    assert not (tmp_path / "cpu.engine").exists()
