@@ -23,7 +23,6 @@ model's node time is GrowNorm's inlined function.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from onnx_latency import checkpoint, interleaved_medians, latency_parser, session, timed  # sibling scripts (benchmarks/ is on sys.path)
+from onnx_latency import checkpoint, latency_parser, sessions_twice, side_medians  # sibling scripts (benchmarks/ is on sys.path)
 from token_mlp_latency import grownorm_share
 
 from surgeon.checkpoint import Checkpoint, save_checkpoint
@@ -94,16 +93,10 @@ def main() -> None:
             changed = {k: ops["folded"].get(k, 0) - ops["plain"].get(k, 0) for k in set(ops["folded"]) | set(ops["plain"])}
             print(f"  ops folded - plain: {dict(sorted((k, v) for k, v in changed.items() if v))} "
                   f"(exported in {time.perf_counter() - t0:.0f} s)", flush=True)
-            # Two sessions per file, created A B C C B A: where a session lands in memory moves its
-            # speed by a few percent here (as train_step.py found for models), so each side's time is
-            # the mean of its two sessions' medians.
-            order = list(files) + list(files)[::-1]
-            sessions = {f"{k}#{i}": session(files[k], args.threads) for i, k in enumerate(order)}
+            sessions = sessions_twice(files, args.threads)  # each side's time: the mean of its two sessions' medians
             for batch in args.batches:
                 x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
-                reps = max(1, round(args.block_s / timed(sessions["folded#0"], x, 3)))
-                per_session = interleaved_medians(sessions, x, args.rounds, reps=reps)
-                med = {k: statistics.mean(v for name, v in per_session.items() if name.split("#")[0] == k) for k in files}
+                med = side_medians(sessions, x, args.rounds, args.block_s)
                 norm_ms, nodes_ms = grownorm_share(str(files["folded"]), x, args.threads, runs=3)
                 row = {"case": label, "batch": batch, **{f"{k}_ms": 1e3 * v for k, v in med.items()},
                        **{f"folded_over_{k}": med["folded"] / med[k] for k in med if k != "folded"},

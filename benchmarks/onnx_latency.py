@@ -81,6 +81,23 @@ def interleaved_medians(sessions: dict[str, ort.InferenceSession], x: np.ndarray
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def sessions_twice(files: dict[str, Path], threads: int) -> dict[str, ort.InferenceSession]:
+    """Two sessions per file, created A B C C B A (``NAME#i``): where a session lands in memory moves
+    its speed by a few percent here (as train_step.py found for models)."""
+    order = list(files) + list(files)[::-1]
+    return {f"{k}#{i}": session(files[k], threads) for i, k in enumerate(order)}
+
+
+def side_medians(sessions: dict[str, ort.InferenceSession], x: np.ndarray, rounds: int, block_s: float) -> dict[str, float]:
+    """Seconds per run of each file (``sessions_twice``): interleaved medians of timed blocks of about
+    ``block_s`` seconds, a file's time the mean of its two sessions' medians."""
+    first = next(iter(sessions.values()))
+    reps = max(1, round(block_s / timed(first, x, 2)))
+    per_session = interleaved_medians(sessions, x, rounds, reps=reps)
+    sides = dict.fromkeys(name.split("#")[0] for name in sessions)
+    return {k: statistics.mean(v for name, v in per_session.items() if name.split("#")[0] == k) for k in sides}
+
+
 def latency_parser(doc: str, rounds: int, batches: list[int]) -> argparse.ArgumentParser:
     """The options every ONNX Runtime latency script takes: --rounds, --batches, --threads, --json."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
