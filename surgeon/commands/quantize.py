@@ -90,7 +90,7 @@ def quantize(model: str, calib: str, output: str | None, calib_samples: int, cal
              report: str | None) -> None:
     """Quantize an exported fp32 ONNX to INT8 with explicit Quantize/Dequantize nodes (what TensorRT's
     strongly typed networks and ONNX Runtime run): per-channel symmetric int8 weights and per-tensor
-    int8 inputs for every Conv/Gemm/MatMul, calibrated on part of --calib; GrowNorm stays float.
+    8-bit inputs for every Conv/Gemm/MatMul, calibrated on part of --calib; GrowNorm stays float.
     Agreement with the fp32 model is measured on the rest of --calib, and the file is written only
     at --min-agreement or above.
 
