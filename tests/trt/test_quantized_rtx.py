@@ -42,3 +42,15 @@ def test_ort_cpu_target_is_refused_before_parsing(grown, digits, tmp_path):  # n
     with pytest.raises(SurgeonError, match="quantized for ONNX Runtime on a CPU .* quantize with --target tensorrt"):
         build_engine(cpu, tmp_path / "cpu.engine", builder="tensorrt-rtx")
     assert not (tmp_path / "cpu.engine").exists()
+
+
+@pytest.mark.slow
+def test_export_precision_int8_with_trt_builds_the_quantized_graph(grown, digits, tmp_path):  # noqa: F811
+    res = CliRunner().invoke(cli, ["export", str(grown[0]), "--precision", "int8", "--calib", str(digits), "--trt",
+                                   "--builder", "tensorrt-rtx", "-o", str(tmp_path / "m.engine")])
+    assert res.exit_code == 0, res.output
+    assert "held out  100 image(s)" in res.output and "precision int8 (from the graph)" in res.output
+    assert (tmp_path / "m.onnx").exists() and (tmp_path / "m.engine").stat().st_size > 10_000
+    res = CliRunner().invoke(cli, ["export", str(grown[0]), "--precision", "int8", "--calib", str(digits), "--trt",
+                                   "--target", "ort-cpu", "-o", str(tmp_path / "c.engine")])
+    assert res.exit_code == 2 and "--trt needs --target tensorrt" in res.output and not (tmp_path / "c.onnx").exists()
