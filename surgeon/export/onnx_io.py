@@ -163,6 +163,17 @@ def set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
         entry.key, entry.value = key, value
 
 
+def quantization_target(meta: dict[str, str]) -> str | None:
+    """Who an int8 file was quantized for (``surgeon quantize --target``), from its metadata; None
+    for a file surgeon did not quantize."""
+    import json
+
+    try:
+        return json.loads(meta.get("surgeon.quantization", "{}")).get("target")
+    except (ValueError, AttributeError):
+        return None
+
+
 def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """The graph inputs a caller feeds (not initializers that older files also list as inputs)."""
     initializers = {t.name for t in model.graph.initializer}

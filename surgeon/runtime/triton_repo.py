@@ -67,8 +67,14 @@ def config_text(art: Artifact, name: str, platform: str, *, max_batch: int, pref
     if platform == "tensorrt_plan":
         lines.append("    kind: KIND_GPU")
     lines += ["  }", "]"]
-    if platform == "onnxruntime_onnx":
-        precision = "FP16" if art.precision == "fp16" else "FP32"
+    # ONNX Runtime's TensorRT accelerator builds at the graph's precision (INT8: the Q/DQ scales of
+    # the file); an int8 file quantized for ONNX Runtime on CPUs (uint8 zero points) is not for
+    # TensorRT, so it gets no accelerator.
+    from surgeon.export.onnx_io import quantization_target
+
+    cpu_int8 = art.precision == "int8" and quantization_target(art.meta) == "ort-cpu"
+    if platform == "onnxruntime_onnx" and not cpu_int8:
+        precision = {"fp16": "FP16", "int8": "INT8"}.get(art.precision, "FP32")
         lines += [
             "optimization {",
             "  execution_accelerators {",

@@ -19,7 +19,7 @@ import onnx
 
 from surgeon.contract import DOMAIN, OP_TYPE
 from surgeon.errors import SurgeonError
-from surgeon.export.onnx_io import load_onnx, model_inputs
+from surgeon.export.onnx_io import load_onnx, model_inputs, quantization_target
 from surgeon.fileio import atomic_write, atomic_write_text
 from surgeon.spec import PLUGIN_CHOICES, BatchRange
 from surgeon.trt.plugin import plugin_status, registered
@@ -76,13 +76,6 @@ def _graph_precision(model: onnx.ModelProto) -> str:
         return meta["surgeon.precision"]
     fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
     return "fp16" if fp16 else "fp32"
-
-
-def _quantization_target(meta: dict[str, str]) -> str | None:
-    try:
-        return json.loads(meta.get("surgeon.quantization", "{}")).get("target")
-    except (ValueError, AttributeError):
-        return None
 
 
 def choose_grownorm(tk: Toolkit, plugin: str, nodes: int) -> tuple[str, str]:
@@ -177,7 +170,7 @@ def build_engine(onnx_path: str | Path, output: str | Path | None = None, *, bat
     header = load_onnx(path, load_external_data=False)
     meta = {p.key: p.value for p in header.metadata_props}
     graph_precision = _graph_precision(header)
-    if graph_precision == "int8" and _quantization_target(meta) == "ort-cpu":
+    if graph_precision == "int8" and quantization_target(meta) == "ort-cpu":
         raise SurgeonError(f"{path.name} was quantized for ONNX Runtime on a CPU (uint8 activations with zero points), "
                            f"which TensorRT does not take: quantize with --target tensorrt")
     if precision is not None and precision != graph_precision:

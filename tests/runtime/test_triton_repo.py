@@ -78,6 +78,24 @@ def test_engine_config_uses_the_tensorrt_platform_on_gpus(tmp_path):
     assert not cfg.optimization.HasField("execution_accelerators") and list(cfg.output[0].dims) == [3]
 
 
+@pytest.mark.parametrize("target, accelerated", [("tensorrt", True), ("ort-cpu", False)])
+def test_int8_onnx_config_asks_tensorrt_for_int8_unless_quantized_for_cpus(tmp_path, target, accelerated):
+    import json
+
+    from surgeon.preprocessing import Preprocessing
+    from surgeon.runtime.artifact import Artifact
+    from surgeon.runtime.triton_repo import config_text
+
+    art = Artifact(tmp_path / "m.onnx", "onnx", ["x", "y"], Preprocessing(input_size=32, resize=32), precision="int8",
+                   meta={"surgeon.quantization": json.dumps({"target": target})})
+    cfg = text_format.Parse(config_text(art, "m", "onnxruntime_onnx", max_batch=8, preferred=[8], queue_delay_us=100,
+                                        instances=1), model_config_pb2.ModelConfig())
+    assert cfg.optimization.HasField("execution_accelerators") == accelerated
+    if accelerated:
+        trt = cfg.optimization.execution_accelerators.gpu_execution_accelerator[0]
+        assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "INT8"
+
+
 @pytest.mark.parametrize("args,message", [
     (["--triton-name", ".."], "cannot make a Triton model name of '..'"),
     (["--triton-name", "///"], "cannot make a Triton model name"),
