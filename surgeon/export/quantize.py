@@ -4,9 +4,12 @@ ONNX Runtime runs and TensorRT builds (strongly typed: INT8 means explicit Quant
 Library: ONNX Runtime's static quantization (``onnxruntime.quantization.quantize_static``), because
 it is already a dependency of the deploy install, runs without PyTorch or a GPU, writes QDQ graphs
 (QuantFormat.QDQ) and has the calibrators (MinMax, Entropy, Percentile) and per-tensor range
-overrides needed here. NVIDIA's Model Optimizer (``nvidia-modelopt``) is the alternative with
-TensorRT-tuned placement, but it pulls in PyTorch-side dependencies and is not needed for what the
-graph has to say; nothing here is written by hand but what is specific to grown models:
+overrides needed here. NVIDIA's Model Optimizer is the alternative with TensorRT-tuned placement,
+but nvidia-modelopt 0.47.0 requires torch >= 2.8 even for ONNX PTQ, and its ``[onnx]`` extra pins
+onnx ~= 1.21 and, on Linux x86, onnxruntime-gpu ~= 1.24.2 and cupy-cuda12x (read from its wheel's
+metadata): it cannot serve the torch-free deploy install, and onnxruntime-gpu would take the
+``onnxruntime`` module over from the CPU build. Nothing here is written by hand but what is specific
+to grown models and to TensorRT's needs:
 
 - the settings TensorRT's explicit quantization needs: symmetric int8 activations (zero point 0)
   per tensor, symmetric int8 weights per output channel, float biases (TensorRT's parser rejects an
