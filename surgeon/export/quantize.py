@@ -393,7 +393,8 @@ def quantize_model(model: LeanModel, options: QuantizeOptions, *, source: str = 
         alternative = None
         if bounds:  # compare the other choice of GrowNorm ranges on the same images
             other = "gamma" if chosen == "calibrated" else "calibrated"
-            alternative = Agreement.of(reference, run_batched(OrtRunner(q.quantize(exclude=exclude, overrides=variants[other])), held_x))
+            other_model = q.quantize(exclude=exclude, overrides=variants[other])
+            alternative = Agreement.of(reference, run_batched(OrtRunner(other_model), held_x))
         ranges = [RangeNote(t, g, q.calibrated_range(t) or 0.0, hi) for t, (g, _, hi) in sorted(bounds.items())]
         accuracy = None
         if labelled is not None and data_x is not None:
@@ -409,8 +410,9 @@ def quantize_model(model: LeanModel, options: QuantizeOptions, *, source: str = 
             if not options.force:
                 raise SurgeonError(refusal(result, options.min_agreement))
     set_metadata(int8.proto, {"surgeon.precision": "int8", "surgeon.quantization": json.dumps({
-        "library": "onnxruntime.quantization", "target": options.target, "method": options.method, "calibration_images": len(parts.calibration),
-        "held_out_images": held.images, "top1_agreement": held.top1, "grownorm_ranges": chosen, "excluded": exclude})})
+        "library": "onnxruntime.quantization", "target": options.target, "method": options.method,
+        "calibration_images": len(parts.calibration), "held_out_images": held.images, "top1_agreement": held.top1,
+        "grownorm_ranges": chosen, "excluded": exclude})})
     return result
 
 
@@ -422,7 +424,8 @@ def _sensitivity(q: _Quantizer, proto: onnx.ModelProto, exclude: list[str], refe
     layers = [node.name for node in quantizable_nodes(proto) if node.name not in exclude][:SENSITIVITY_MAX_LAYERS]
     rows = []
     for name in layers:
-        alone = Agreement.of(reference[:n], run_batched(OrtRunner(q.quantize(exclude=exclude, only=[name], overrides=overrides)), held_x[:n]))
+        model = q.quantize(exclude=exclude, only=[name], overrides=overrides)
+        alone = Agreement.of(reference[:n], run_batched(OrtRunner(model), held_x[:n]))
         rows.append({"layer": name, "top1": alone.top1, "mean_abs_err": alone.mean_abs_err, "max_abs_err": alone.max_abs_err})
     return sorted(rows, key=lambda r: (r["top1"], -r["mean_abs_err"], r["layer"]))
 
