@@ -99,6 +99,18 @@ def test_build_engine_without_torch(fixtures, tmp_path):
     assert proc.returncode == 0 and loaded == [], proc.stderr
 
 
+def test_quantize_without_torch(fixtures, tmp_path):
+    out = tmp_path / "model.int8.onnx"
+    # two photos: one calibrates, one is held out (agreement on one image is 0 or 1: not judged here)
+    proc, loaded = run("cli", ["quantize", str(fixtures / "model.onnx"), "--calib", str(fixtures / "photos"), "-o", str(out),
+                               "--min-agreement", "0"])
+    assert proc.returncode == 0, proc.stderr
+    assert loaded == []
+    assert "held out  1 image(s): top-1 agreement" in proc.stdout and out.stat().st_size > 0
+    proc, loaded = run("py", f"from surgeon.runtime import Session; print(Session({str(out)!r}).artifact.precision)")
+    assert proc.returncode == 0 and proc.stdout.strip() == "int8" and loaded == [], proc.stderr
+
+
 @pytest.mark.skipif(HAS_TORCH, reason="the missing-extra message needs an install without PyTorch")
 @pytest.mark.parametrize("args", [["finetune", "--epochs", "1"], ["export", "grown.pt"], ["layers", "--model", "surgeon:digitnet"]])
 def test_training_commands_name_the_extra(fixtures, args):
