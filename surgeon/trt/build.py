@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from surgeon.errors import SurgeonError
 from surgeon.export.onnx_io import load_onnx, model_inputs, quantization_target
 from surgeon.fileio import atomic_write, atomic_write_text
 from surgeon.spec import PLUGIN_CHOICES, BatchRange
+from surgeon.trt.einsum import needs_lowercase, with_lowercase_einsum
 from surgeon.trt.plugin import plugin_status, registered
 from surgeon.trt.toolkit import Toolkit, find_toolkit
 
@@ -119,6 +121,8 @@ def _parse(tk: Toolkit, network, path: Path, header: onnx.ModelProto, force_func
         from surgeon_plugins.grownorm_trt import with_explicit_axis
 
         edit = with_explicit_axis
+    if needs_lowercase(header):  # TensorRT's parser takes lowercase Einsum equations only (MaxViT)
+        edit = _then(edit, with_lowercase_einsum)
     if edit is None:
         ok = parser.parse_from_file(str(path))  # reads external data from beside the file
     else:
@@ -134,6 +138,11 @@ def _parse(tk: Toolkit, network, path: Path, header: onnx.ModelProto, force_func
     if not ok:
         errors = [str(parser.get_error(i)).strip() for i in range(parser.num_errors)] or tk.logger().errors[-1:]
         raise SurgeonError(f"TensorRT's ONNX parser rejects {path.name}: {(errors[0] if errors else 'unknown error').splitlines()[0][:300]}")
+
+
+def _then(first: Callable[[onnx.ModelProto], onnx.ModelProto] | None,
+          second: Callable[[onnx.ModelProto], onnx.ModelProto]) -> Callable[[onnx.ModelProto], onnx.ModelProto]:
+    return second if first is None else (lambda model: second(first(model)))
 
 
 def _is_external(model: onnx.ModelProto) -> bool:
