@@ -65,7 +65,9 @@ def print_quantize_report(result) -> None:
                    f"{result.held_out.mean_abs_err:.2e}; {other}: agreement {result.alternative.top1:.4f}, mean |err| "
                    f"{result.alternative.mean_abs_err:.2e}")
         for r in result.ranges:
-            click.echo(f"            {r.tensor} (from {r.grownorm}): calibrated |v| <= {r.calibrated:.3g}, bound from γ {r.gamma_bound:.3g}")
+            groups = ", ".join(f"{m:.3g}" for m in r.group_max)
+            click.echo(f"            {r.tensor} (from {r.grownorm}): calibrated |v| <= {r.calibrated:.3g}, bound from γ "
+                       f"{r.gamma_bound:.3g}; per group (old first) max |y| {groups}")
     if result.accuracy:
         acc = result.accuracy
         click.echo(f"  accuracy  {acc['images']} labelled image(s): fp32 {acc['fp32']:.4f}, int8 {acc['int8']:.4f}")

@@ -109,6 +109,9 @@ class RangeNote:
     grownorm: str
     calibrated: float   # max |v| the calibration saw (the symmetric range it gives)
     gamma_bound: float  # max |γ| of the GrowNorm it comes from
+    # max |y| of each group (old units first) at the GrowNorm's output on the calibration images:
+    # one per-tensor scale serves all groups, so a group far below the others gets fewer levels
+    group_max: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -190,6 +193,33 @@ def grownorm_bounds(model: LeanModel) -> dict[str, tuple[str, float, float]]:
             todo += [(c.output[0], signed and c.op_type != "Relu") for c in consumers.get(t, [])
                      if c.op_type in _BOUND_PRESERVING and not c.domain and c.input[0] == t]
     return bounds
+
+
+def group_maxima(model: LeanModel, images: np.ndarray) -> dict[str, list[float]]:
+    """GrowNorm node → max |y| of each of its groups on ``images`` (the node's own output)."""
+    from surgeon.onnxrt import open_session
+
+    nodes = [n for n in model.proto.graph.node if n.op_type == OP_TYPE and n.domain == DOMAIN]
+    if not nodes or not len(images):
+        return {}
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    proto.graph.output.extend(onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None) for n in nodes)
+    session = open_session(proto.SerializeToString(), ["CPUExecutionProvider"])
+    names = [n.output[0] for n in nodes]
+    peaks = {name: None for name in names}
+    for i in range(0, len(images), _CALIB_BATCH):
+        outs = session.run(names, model.feeds(**{model.inputs[0].name: images[i:i + _CALIB_BATCH]}))
+        for n, y in zip(nodes, outs):
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            per_channel = np.abs(np.moveaxis(y, int(attrs.get("axis", 1)), -1)).reshape(-1, y.shape[int(attrs.get("axis", 1))]).max(0)
+            peaks[n.output[0]] = per_channel if peaks[n.output[0]] is None else np.maximum(peaks[n.output[0]], per_channel)
+    out = {}
+    for n in nodes:
+        groups = list(onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "groups")))
+        edges = np.cumsum([0, *groups])
+        out[n.name] = [float(peaks[n.output[0]][a:b].max()) for a, b in zip(edges[:-1], edges[1:])]
+    return out
 
 
 def _quantized_inputs(proto: onnx.ModelProto, exclude: list[str]) -> set[str]:
@@ -395,7 +425,9 @@ def quantize_model(model: LeanModel, options: QuantizeOptions, *, source: str = 
             other = "gamma" if chosen == "calibrated" else "calibrated"
             other_model = q.quantize(exclude=exclude, overrides=variants[other])
             alternative = Agreement.of(reference, run_batched(OrtRunner(other_model), held_x))
-        ranges = [RangeNote(t, g, q.calibrated_range(t) or 0.0, hi) for t, (g, _, hi) in sorted(bounds.items())]
+        per_group = group_maxima(model, calib_x) if bounds else {}
+        ranges = [RangeNote(t, g, q.calibrated_range(t) or 0.0, hi, per_group.get(g, []))
+                  for t, (g, _, hi) in sorted(bounds.items())]
         accuracy = None
         if labelled is not None and data_x is not None:
             labels = labelled[1]

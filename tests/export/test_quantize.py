@@ -122,6 +122,8 @@ def test_grownorm_stays_float_between_dq_and_q(int8):
     assert [c.op_type for c in _consumers(model, node.output[0])] == ["QuantizeLinear"]  # quantized where the head reads it
     assert [(r.tensor, r.grownorm, r.gamma_bound) for r in int8.ranges] == [(node.output[0], node.name, 1.0)]
     assert 0 < int8.ranges[0].calibrated <= 1.0  # inside the bound: each group is unit-norm (γ folded away)
+    old, new = int8.ranges[0].group_max  # fc7's 128 old units, its 64 new ones: one scale serves both
+    assert 0 < min(old, new) and max(old, new) == pytest.approx(int8.ranges[0].calibrated, rel=1e-5)
 
 
 def test_gamma_ranges_set_the_scale_from_gamma(grown, digits, tmp_path, int8):
