@@ -246,9 +246,13 @@ def test_export_verifies_and_builds(tmp_path, name):
     assert result.verifications and all(v.ok for v in result.verifications)
     assert max(v.rel_err for v in result.verifications) <= 1e-4
     graph = onnx.load(result.path).graph
-    assert sum(n.op_type == "GrowNorm" for n in graph.node) <= 1
-    if pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu12 is not installed") and name in FAST:
+    # γ stays in the GrowNorm: it reaches the consumers through the slices and the concat, which fold-gamma does
+    # not follow yet (its report says why)
+    assert sum(n.op_type == "GrowNorm" for n in graph.node) == 1
+    fold = next(p for p in result.passes if p["pass"] == "fold-gamma")
+    assert not fold["changed"] and fold["skipped"], fold
+    if pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu12 is not installed"):
         from surgeon.trt.build import build_engine
 
-        report = build_engine(result.path, builder="tensorrt-rtx")
-        assert report.engine_bytes > 10_000
+        report = build_engine(result.path, builder="tensorrt-rtx")  # 1-4 s each here; the export is the slow part
+        assert report.engine_bytes > 10_000 and report.grownorm_nodes == 1

@@ -188,7 +188,7 @@ def test_export_verifies_merges_and_builds(tmp_path, name):
     assert sum(n.op_type == "GrowNorm" for n in graph.node) == 1
     merged = next(p for p in result.passes if p["pass"] == "merge-grouped")
     assert merged["changed"], merged  # the depthwise/grouped pair is one conv again
-    if pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu12 is not installed") and name in ("mnasnet", "mobilenet_v3"):
+    if pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu12 is not installed"):  # every family: a few s each
         from surgeon.trt.build import build_engine
 
         report = build_engine(result.path, builder="tensorrt-rtx")

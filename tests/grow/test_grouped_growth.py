@@ -211,3 +211,8 @@ def test_export_verifies(tmp_path, name):
     assert max(v.rel_err for v in result.verifications) <= 1e-4
     graph = onnx.load(result.path).graph
     assert sum(n.op_type == "GrowNorm" for n in graph.node) == 1
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu12 is not installed")
+    from surgeon.trt.build import build_engine
+
+    report = build_engine(result.path, builder="tensorrt-rtx")
+    assert report.engine_bytes > 10_000 and report.grownorm_nodes == 1
