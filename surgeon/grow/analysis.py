@@ -104,12 +104,20 @@ def reads_training(m: nn.Module) -> bool:
     return next(m.children(), None) is None and _forward_reads_training(type(m))
 
 
+def is_batchnorm_act(m: nn.Module) -> bool:
+    """A BatchNorm that also applies dropout and an activation, timm's ``BatchNormAct2d``
+    (``bn → drop → act``, children named so): growth moves the two out into a node of their own."""
+    names = {name for name, _ in m.named_children()}
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and bool(names) and names <= {"drop", "act"}
+
+
 class SurgeonTracer(fx.Tracer):
-    """torch.fx tracer that keeps torch.nn modules, surgeon's own modules and modules whose
-    forward depends on ``self.training`` as single nodes."""
+    """torch.fx tracer that keeps torch.nn modules, surgeon's own modules, BatchNorms of other
+    libraries (timm's BatchNormAct2d) and modules whose forward depends on ``self.training`` as
+    single nodes: traced through, their batch statistics would be frozen at eval behaviour."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (GrowNorm, *SURGEON_LEAF_MODULES)) or reads_training(m):
+        if isinstance(m, (GrowNorm, *SURGEON_LEAF_MODULES, nn.modules.batchnorm._BatchNorm)) or reads_training(m):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -127,7 +135,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         graph = SurgeonTracer().trace(model)
     except Exception as exc:  # fx raises many types; the user needs the first line only
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise GrowthError(
             f"{type(model).__name__} cannot be traced by torch.fx ({first}); growth needs a model whose "
             "forward has no data-dependent control flow"
@@ -293,6 +301,10 @@ def _classify(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> str:
         if isinstance(m, GrowNorm):
             return "norm"
         if isinstance(m, _BATCHNORMS):
+            if not isinstance(m, SplitBatchNorm) and next(m.children(), None) is not None and not (
+                    is_batchnorm_act(m) and all(isinstance(c, (*_ACTIVATIONS, *_PASS_MODULES)) for c in m.children())):
+                return (f"stop:feeds {node.target} ({type(m).__name__}), a BatchNorm with layers inside it that "
+                        "surgeon cannot widen through")
             return "bn"
         if isinstance(m, _ACTIVATIONS) or (isinstance(m, nn.PReLU) and m.num_parameters == 1):
             return "act"

@@ -74,12 +74,18 @@ class GroupWidened(Widened):
 
 
 class SplitBatchNorm(nn.Module):
-    """A BatchNorm whose input gained channels: the pretrained statistics stay with the old ones."""
+    """A BatchNorm whose input gained channels: the pretrained statistics stay with the old ones.
 
-    def __init__(self, old: nn.modules.batchnorm._BatchNorm, new: nn.modules.batchnorm._BatchNorm) -> None:
+    ``bn_only``: ``old`` is a BatchNorm with an activation inside (timm's BatchNormAct2d) of which
+    only the normalization runs here; growth put its dropout and activation in a module after this
+    one, so both halves get them and the export still sees two BatchNorms and a Concat to merge.
+    A plain attribute, like ``Widened.dim``: a rebuild gets it from replaying the recipe."""
+
+    def __init__(self, old: nn.Module, new: nn.modules.batchnorm._BatchNorm, bn_only: bool = False) -> None:
         super().__init__()
         self.old = old
         self.new = new
+        self.bn_only = bn_only
 
     @property
     def num_features(self) -> int:
@@ -87,7 +93,12 @@ class SplitBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.old.num_features
-        return torch.cat([self.old(x[:, :c]), self.new(x[:, c:])], dim=1)
+        head = x[:, :c]
+        old = nn.modules.batchnorm._BatchNorm.forward(self.old, head) if self.bn_only else self.old(head)
+        return torch.cat([old, self.new(x[:, c:])], dim=1)
+
+    def extra_repr(self) -> str:
+        return "bn_only=True" if self.bn_only else ""
 
 
 class _ExtendedInput:

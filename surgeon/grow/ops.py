@@ -195,8 +195,11 @@ def _new_batchnorm(old: nn.Module, units: int, mapping: torch.Tensor | None) -> 
     template = old
     while isinstance(template, SplitBatchNorm):
         template = template.old
-    new = type(template)(units, eps=template.eps, momentum=template.momentum, affine=template.affine,
-                         track_running_stats=template.track_running_stats)
+    cls = type(template)
+    if analysis.is_batchnorm_act(template):  # its activation runs after the split (_move_activation_out)
+        cls = nn.BatchNorm2d if isinstance(template, nn.BatchNorm2d) else nn.BatchNorm1d
+    new = cls(units, eps=template.eps, momentum=template.momentum, affine=template.affine,
+              track_running_stats=template.track_running_stats)
     if mapping is not None:  # net2net copies the statistics and affine params of the source channels
         with torch.no_grad():
             for name in ("weight", "bias", "running_mean", "running_var"):
@@ -248,7 +251,22 @@ def _split_batchnorms(gm: fx.GraphModule, site: Site, k: int, mapping: torch.Ten
     for bn_name, offset in [(b, 0) for b in site.batchnorms] + site.region_batchnorms:
         bn = gm.get_submodule(bn_name)
         src = None if mapping is None else mapping + offset
-        gm.set_submodule(bn_name, SplitBatchNorm(bn, _new_batchnorm(bn, k, src)))
+        with_act = analysis.is_batchnorm_act(bn)
+        gm.set_submodule(bn_name, SplitBatchNorm(bn, _new_batchnorm(bn, k, src), bn_only=with_act))
+        if with_act:
+            _move_activation_out(gm, site, bn_name, bn)
+
+
+def _move_activation_out(gm: fx.GraphModule, site: Site, bn_name: str, bn: nn.Module) -> None:
+    """A BatchNorm with its own dropout and activation (timm's BatchNormAct2d), now split: the two
+    run after the split BatchNorm as a module of their own (copies: they hold no weights), and a
+    GrowNorm that was to follow the BatchNorm follows them."""
+    node = next(n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) == bn_name)
+    name = _unique_name(gm, bn_name.replace(".", "_") + "_act")
+    gm.add_submodule(name, nn.Sequential(copy.deepcopy(bn.drop), copy.deepcopy(bn.act)))
+    act = _insert_after(gm, node, name)
+    if site.norm_after is node:
+        site.norm_after = act
 
 
 def _append_to_concats(gm: fx.GraphModule, site: Site) -> None:

@@ -167,3 +167,63 @@ def test_missing_timm_says_how_to_install(monkeypatch):
     assert "pip install 'surgeon[timm]'" in one_line_error(build_architecture, "timm:resnet18")
     res = layers_cli("--model", "timm:resnet18")
     assert res.exit_code != 0 and res.output.strip().count("\n") == 0 and "surgeon[timm]" in res.output
+
+
+# timm's inverted-residual blocks normalize with BatchNormAct2d (BatchNorm, dropout, activation in one module).
+EFFNET, EXPANSION, DEPTHWISE_BN = "efficientnet_b0", "blocks.6.0.conv_pw", "blocks.6.0.bn2"
+
+
+@pytest.fixture(scope="module")
+def effnet():
+    torch.manual_seed(0)
+    return randomize_batchnorms(load_base(f"timm:{EFFNET}", "none", input_size=SIZE).module).eval()
+
+
+def test_batchnorm_act_stays_one_node_that_follows_train_and_eval(effnet):
+    """Traced through, BatchNormAct2d's own `if self.training` would freeze its statistics."""
+    import copy
+
+    from surgeon.grow.analysis import trace
+
+    gm = trace(copy.deepcopy(effnet))  # the GraphModule shares the modules: train() here must not reach the fixture
+    assert any(n.op == "call_module" and n.target == "bn1" for n in gm.graph.nodes)
+    before = gm.get_submodule("bn1").running_mean.clone()
+    gm.train()
+    gm(images(4, SIZE, seed=1))
+    assert not torch.equal(before, gm.get_submodule("bn1").running_mean)
+
+
+def test_expansion_conv_with_batchnorm_act_grows(effnet, tmp_path):
+    from surgeon.grow.modules import SplitBatchNorm
+
+    rows = {r.name: r for r in analysed_layers(f"timm:{EFFNET}", "none", SIZE)}
+    assert rows[EXPANSION].wide == "ok" and rows["blocks.1.0.conv_pw"].wide == "ok"
+    x = images(3, SIZE, seed=5)
+    with torch.no_grad():
+        ref = effnet(x)
+    for init in ("net2net", "zero"):
+        torch.manual_seed(2)
+        gm, _ = grow(effnet, [GrowStep("wide", EXPANSION, 12, init=init, norm=False)], SIZE)
+        with torch.no_grad():
+            assert float((gm(x) - ref).abs().max() / ref.abs().max()) <= 1e-5, init
+    gm, state = grow(effnet, [HeadStep(classes=3), GrowStep("wide", EXPANSION, 12)], SIZE)
+    split = gm.get_submodule(DEPTHWISE_BN)
+    assert isinstance(split, SplitBatchNorm) and split.bn_only and type(split.new) is torch.nn.BatchNorm2d
+    (norm,) = state.norms
+    node = next(n for n in gm.graph.nodes if n.target == norm)
+    act = node.args[0]  # the GrowNorm follows the BatchNorm's own activation, now a node of its own
+    assert isinstance(gm.get_submodule(act.target)[1], torch.nn.SiLU) and act.args[0].target == DEPTHWISE_BN
+    path = tmp_path / "grown.pt"
+    save_checkpoint(path, Checkpoint(model=f"timm:{EFFNET}", weights="none", recipe=state_steps(state, 12),
+                                     classes=["a", "b", "c"], preprocessing=Preprocessing(input_size=SIZE),
+                                     state_dict=gm.state_dict()))
+    with torch.no_grad():
+        torch.testing.assert_close(surgeon.load(path)(x), gm.eval()(x), rtol=0, atol=0)
+    result = export_checkpoint(path, tmp_path / "m.onnx")
+    assert result.verifications and all(c.ok and c.rel_err < 1e-4 for c in result.verifications)
+    merged = next(p for p in result.passes if p["pass"] == "merge-parallel")
+    assert any("BatchNorm" in str(c) for c in merged["changed"]), merged  # the split BatchNorm is one op again
+
+
+def state_steps(state, units: int):
+    return [HeadStep(classes=3, layer=state.head), GrowStep("wide", EXPANSION, units)]
