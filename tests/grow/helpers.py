@@ -105,3 +105,26 @@ def grown_checkpoint(path, model: nn.Module, layer: str, units: int, init: str, 
     gm = trace(model)
     apply_steps(gm, steps, GrowthState(input_size=size))
     return save_grown(path, gm, steps, spec, size), gm
+
+
+def finetune_one_step(gm: fx.GraphModule, state: GrowthState, size: int, classes: int = 3):
+    """γ calibrated, the paper's parameter groups (pretrained frozen but for the top, new units at
+    10× the base rate), one SGD step on 6 images. Asserts every new parameter got a finite gradient;
+    returns ``(split, names of the new parameters the step changed)``."""
+    import torch.nn.functional as F
+
+    from surgeon.grow.gamma import calibrate_gamma
+    from surgeon.train.params import apply_freeze, split_parameters
+
+    calibrate_gamma(gm, images(8, size, seed=2))
+    split = split_parameters(gm, state, "top")
+    apply_freeze(gm, split)
+    opt = torch.optim.SGD([{"params": list(split.pretrained.values())},
+                           {"params": list(split.new.values()), "lr": 0.1}], lr=0.01, momentum=0.9)
+    gm.train()
+    before = {n: p.detach().clone() for n, p in split.new.items()}
+    F.cross_entropy(gm(images(6, size, seed=3)), torch.arange(6) % classes).backward()
+    for name, p in split.new.items():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    opt.step()
+    return split, {n for n, p in split.new.items() if not torch.equal(before[n], p.detach())}
