@@ -1,7 +1,10 @@
 """TensorRT engines (``.engine``/``.plan``): full TensorRT, or TensorRT-RTX for engines it built.
 
-Buffers are PyTorch CUDA tensors; one execution context per runner, used under a lock (contexts
-are not thread-safe)."""
+No PyTorch: the engine's I/O buffers and stream come from Polygraphy's CUDA runtime wrapper
+(``polygraphy.cuda``, NVIDIA's TensorRT toolkit; ctypes over ``libcudart``, which TensorRT's wheels
+bring), so an inference box needs TensorRT and numpy only. One execution context per runner, used
+under a lock (contexts are not thread-safe); the device buffers grow to the largest batch seen and
+are reused."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from surgeon import cuda
 from surgeon.errors import SurgeonError
 
 
@@ -22,12 +26,11 @@ def available(rtx: bool) -> str | None:
     except Exception:
         return f"`{module}` is not installed ({'pip install tensorrt-rtx-cu12' if rtx else 'install TensorRT 10.9+'})"
     try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return "no CUDA GPU is visible"
+        importlib.import_module("polygraphy.cuda")
     except ImportError:
-        return "PyTorch is needed for the engine's GPU buffers"
+        return "Polygraphy is needed for the engine's GPU buffers (pip install polygraphy)"
+    if not cuda.available():
+        return "no CUDA GPU is visible"
     return None
 
 
@@ -36,7 +39,8 @@ class EngineRunner:
         why = available(rtx)
         if why:
             raise SurgeonError(f"cannot run {path.name}: {why}")
-        import torch
+        from polygraphy import cuda as pcuda
+        from polygraphy.datatype import DataType
 
         from surgeon.trt.toolkit import logger_for
 
@@ -49,25 +53,28 @@ class EngineRunner:
             raise SurgeonError(f"TensorRT cannot load {path.name}: {why}")
         self.context = self.engine.create_execution_context()
         self.input_name, self.output_name = input_name, output_name
-        self._torch = torch
-        self._stream = torch.cuda.Stream()
-        self._lock = threading.Lock()
         self.backend = "trt"
-        dtypes = {trt.float32: torch.float32, trt.float16: torch.float16}
-        self._in_dtype = dtypes[self.engine.get_tensor_dtype(input_name)]
-        self._out_dtype = dtypes[self.engine.get_tensor_dtype(output_name)]
+        dtypes = {trt.float32: np.float32, trt.float16: np.float16}
+        self._in_dtype = np.dtype(dtypes[self.engine.get_tensor_dtype(input_name)])
+        self._out_dtype = np.dtype(dtypes[self.engine.get_tensor_dtype(output_name)])
+        self._stream = pcuda.Stream()
+        self._in = pcuda.DeviceArray(dtype=DataType.from_dtype(self._in_dtype))
+        self._out = pcuda.DeviceArray(dtype=DataType.from_dtype(self._out_dtype))
+        self._lock = threading.Lock()
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        torch = self._torch
-        with self._lock, torch.cuda.stream(self._stream):
-            x = torch.from_numpy(np.ascontiguousarray(batch)).to("cuda", self._in_dtype, non_blocking=True)
+        x = np.ascontiguousarray(batch, dtype=self._in_dtype)
+        with self._lock:
             if not self.context.set_input_shape(self.input_name, tuple(x.shape)):  # outside the engine's profile
                 raise SurgeonError(f"the engine cannot take a batch of shape {list(x.shape)} for {self.input_name} "
                                    f"(outside its optimization profile: rebuild it with `surgeon build --batch`)")
-            y = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), device="cuda", dtype=self._out_dtype)
-            self.context.set_tensor_address(self.input_name, x.data_ptr())
-            self.context.set_tensor_address(self.output_name, y.data_ptr())
-            if not self.context.execute_async_v3(self._stream.cuda_stream):
+            out = np.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self._out_dtype)
+            self._in.resize(x.shape).copy_from(x, self._stream)
+            self._out.resize(out.shape)
+            self.context.set_tensor_address(self.input_name, self._in.ptr)
+            self.context.set_tensor_address(self.output_name, self._out.ptr)
+            if not self.context.execute_async_v3(self._stream.ptr):
                 raise SurgeonError("TensorRT failed to run the engine")
-            out = y.float().cpu()
-        return out.numpy()
+            self._out.copy_to(out, self._stream)
+            self._stream.synchronize()  # `x` and `out` are pageable host memory: alive until here
+        return out.astype(np.float32, copy=False)
