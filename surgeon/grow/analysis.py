@@ -234,6 +234,7 @@ class Site:
     excites: list[str] = field(default_factory=list)  # squeeze-excitation layers gaining a gate per new channel
     concats: list[ConcatArg] = field(default_factory=list)  # concats the channels go through
     region_batchnorms: list[tuple[str, int]] = field(default_factory=list)  # past the chain: (name, offset)
+    calls: dict[str, int] = field(default_factory=dict, repr=False)  # how often each module is called (the walk's)
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -465,7 +466,7 @@ def _analyse(gm: fx.GraphModule, layer: str, *, grouped: bool = False) -> Site:
     if shape is None or axis is None:
         raise GrowthError(f"'{layer}' produces a tensor of shape {shape}; surgeon grows layers whose output is "
                           "[N, C], [N, C, H, W] or, for a Linear, [N, ..., C]")
-    site = Site(layer=layer, node=node, channels=shape[axis], rank=len(shape), axis=axis)
+    site = Site(layer=layer, node=node, channels=shape[axis], rank=len(shape), axis=axis, calls=shared)
 
     # 1. The chain: single-user elementwise ops right after the layer.
     cur = node
@@ -684,9 +685,9 @@ def _walk_region(gm: fx.GraphModule, site: Site, src: fx.Node, src_shape: tuple[
             if positions != 1:
                 raise GrowthError(f"cannot grow '{site.layer}': its output reaches the BatchNorm {name} after a "
                                   "flatten, where each unit spans several features")
-            if _calls(gm).get(name, 1) > 1:
+            if site.calls.get(name, 1) > 1:
                 raise GrowthError(f"cannot grow '{site.layer}': its output reaches {name}, a BatchNorm called "
-                                  f"{_calls(gm)[name]} times in the forward (shared statistics)")
+                                  f"{site.calls[name]} times in the forward (shared statistics)")
             if user in seen:
                 raise GrowthError(f"cannot grow '{site.layer}': its output reaches {name} along two paths")
             seen.add(user)
