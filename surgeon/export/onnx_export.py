@@ -121,6 +121,7 @@ def export_checkpoint(grown: str | Path, output: str | Path | None = None, *, op
     is quantized) with ``quantization`` (a :class:`~surgeon.export.quantize.QuantizeOptions`;
     default: its defaults on the ``calib`` images) and writes it only if it agrees with fp32."""
     from surgeon.export.fp16 import FP16_TOLERANCE, to_fp16
+    from surgeon.export.incremental import IncrementalVerifier
     from surgeon.export.passes import default_passes
     from surgeon.export.passes.base import summarize
 
@@ -153,11 +154,13 @@ def export_checkpoint(grown: str | Path, output: str | Path | None = None, *, op
     except onnx.checker.ValidationError as exc:
         raise SurgeonError(f"the exported model is not valid ONNX: {first_line(exc)}") from None
     fp32_tol = FP32_TOLERANCE if tolerance is None else tolerance
-    checks = verify(lean, reference, stage="export", tolerance=fp32_tol)
+    # The whole model once; after each pass only the part it changed (fed with the export run's values).
+    verifier = IncrementalVerifier(reference, fp32_tol)
+    checks = verifier.export(lean)
     before = op_counts(lean)
 
     def after_pass(name: str, candidate: LeanModel) -> None:
-        checks.extend(verify(candidate, reference, stage=name, tolerance=fp32_tol))
+        checks.extend(verifier.stage(name, candidate))
 
     lean, results = default_passes(fold).run(lean, after_each=after_pass)
     if precision == "fp16":

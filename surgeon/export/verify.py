@@ -7,6 +7,7 @@ which also checks the dynamic batch dimension); with ``calib`` a folder of real 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,9 @@ class Verification:
     max_abs_err: float
     rel_err: float
     tolerance: float
+    # What ONNX Runtime ran: the whole model, or the part a pass changed, fed with the unchanged
+    # tensors' values from the export stage's run (surgeon.export.incremental).
+    ran: str = "whole model"
 
     @property
     def ok(self) -> bool:
@@ -113,21 +117,31 @@ def verify(model: LeanModel | onnx.ModelProto | str | Path, reference: Reference
     """Raise SurgeonError (naming ``stage``, ending in ``on_failure``: what it means for the caller)
     unless ONNX Runtime matches the reference within ``tolerance`` of the logits' scale. ``model``: in
     memory, or a file's path (ONNX Runtime reads it, external data too, once checked)."""
+    runner = OrtRunner(model)
+    return check_cases(reference, lambda i, x: runner.run(x), stage=stage, tolerance=tolerance,
+                       on_failure=on_failure, check_input=runner.check_input)
+
+
+def check_cases(reference: Reference, run: Callable[[int, np.ndarray], np.ndarray], *, stage: str,
+                tolerance: float, on_failure: str = NOT_WRITTEN,
+                check_input: Callable[[np.ndarray], str | None] | None = None,
+                ran: str = "whole model") -> list[Verification]:
+    """Compare ``run(case index, input)`` with the reference's logits on every case; raise the first
+    mismatch (or failure to run) as a SurgeonError naming ``stage``."""
     from surgeon.onnxrt import ort_errors, ort_message
 
-    runner = OrtRunner(model)
     results = []
-    for what, x, expected in reference.cases:
-        mismatch = runner.check_input(x)
+    for i, (what, x, expected) in enumerate(reference.cases):
+        mismatch = check_input(x) if check_input is not None else None
         if mismatch:
             raise SurgeonError(f"{stage}: {mismatch}; {on_failure}")
         try:
-            actual = runner.run(x)
+            actual = run(i, x)
         except ort_errors() as exc:
             raise SurgeonError(f"{stage}: ONNX Runtime failed to run the model on {what} (batch {len(x)}): "
                                f"{ort_message(exc)}; {on_failure}") from None
         err, rel = compare(expected, actual)
-        check = Verification(stage, what, len(x), err, rel, tolerance)
+        check = Verification(stage, what, len(x), err, rel, tolerance, ran)
         results.append(check)
         if not check.ok:
             raise SurgeonError(

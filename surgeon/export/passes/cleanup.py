@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from surgeon.export.passes.base import PassResult, is_graph_output
+from surgeon.export.passes.graph import is_graph_output
+from surgeon.export.passes.rules import PassResult
 
 _NOOPS = ("Identity", "Dropout")
 
@@ -56,7 +57,9 @@ def cleanup(graph: gs.Graph) -> PassResult:
     folded = set(_fold_constant_concats(graph))
     graph.cleanup()
     folded_from = {n.name for n in graph.nodes if n.op != "Constant"}
-    graph.fold_constants(error_ok=True).cleanup()
+    # Not inside GrowNorm's local function: the model keeps its own copy (export_graph), and the one
+    # graph the passes share would otherwise be folded again, round after round.
+    graph.fold_constants(error_ok=True, recurse_functions=False).cleanup()
     folded |= folded_from - {n.name for n in graph.nodes}
     if folded:
         result.changed.append(("constants", f"folded {len(folded)} constant node(s): {', '.join(sorted(folded)[:6])}{' ...' if len(folded) > 6 else ''}"))

@@ -19,7 +19,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from surgeon.export.grownorm_op import DOMAIN, OP_TYPE
-from surgeon.export.passes.base import PassResult, constant_value, is_graph_output
+from surgeon.export.passes.graph import constant_value, is_graph_output
+from surgeon.export.passes.rules import PassResult
 
 _ALWAYS = {"Dropout", "Identity", "AveragePool", "GlobalAveragePool"}
 _POSITIVE_ONLY = {"Relu", "LeakyRelu", "MaxPool", "GlobalMaxPool"}
@@ -161,7 +162,7 @@ def _scale_consumer(consumer: gs.Node, src: gs.Tensor, scale: np.ndarray, positi
     shape = [1] * weight.ndim
     shape[axis] = -1
     # Named after the node: two consumers may share one weight tensor.
-    consumer.inputs[1] = gs.Constant(f"{consumer.name}_{consumer.inputs[1].name}_gamma_folded", (weight * cols.reshape(shape)).astype(weight.dtype))
+    consumer.inputs[1] = gs.Constant(f"{consumer.name}_{consumer.inputs[1].name}_gamma_folded", (weight * cols.reshape(shape)).astype(weight.dtype, copy=False))
     return None
 
 

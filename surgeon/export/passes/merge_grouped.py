@@ -20,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from surgeon.export.passes.base import PassResult, constant_value, is_graph_output, run_concat_rules
+from surgeon.export.passes.graph import constant_value, is_graph_output
+from surgeon.export.passes.rules import PassResult, Rewrite, concat_rule, concat_rule_pass
 
 _SAME_ATTRS = ("kernel_shape", "strides", "pads", "dilations", "auto_pad")
 
@@ -36,8 +37,8 @@ def _channel_range(s: gs.Node) -> tuple[int, int] | None:
     return int(starts[0]), int(ends[0])
 
 
-def _merge(graph: gs.Graph, concat: gs.Node) -> str | None:
-    """None: not a candidate; "": merged; otherwise why not."""
+def _merge(graph: gs.Graph, concat: gs.Node) -> str | Rewrite | None:
+    """None: not a candidate; the rewrite when it can merge; otherwise why not."""
     convs = [t.inputs[0] if t.inputs else None for t in concat.inputs]
     if len(convs) < 2 or any(c is None or c.op != "Conv" for c in convs):
         return None
@@ -79,23 +80,30 @@ def _merge(graph: gs.Graph, concat: gs.Node) -> str | None:
         return "the branches differ in channels per group"
     if len({w.dtype for w in weights}) != 1 or len({w.shape[2:] for w in weights}) != 1:
         return "the branch weights differ in type or kernel size"
-    inputs = [x, gs.Constant(f"{convs[0].name}_merged_weight", np.concatenate(weights, axis=0))]
+    biases = []
     if any(len(c.inputs) > 2 for c in convs):
         biases = [constant_value(c.inputs[2]) if len(c.inputs) > 2 else np.zeros(w.shape[0], w.dtype)
                   for c, w in zip(convs, weights)]
         if any(b is None or b.shape != (w.shape[0],) for b, w in zip(biases, weights)):
             return "a branch bias is not a constant per-output vector"
-        inputs.append(gs.Constant(f"{convs[0].name}_merged_bias", np.concatenate(biases)))
-    attrs = dict(convs[0].attrs)
-    attrs["group"] = sum(int(c.attrs["group"]) for c in convs)
-    merged = gs.Node("Conv", f"{convs[0].name}_merged", attrs, inputs, list(concat.outputs))
-    concat.outputs.clear()
-    for c in convs:
-        c.outputs.clear()
-    graph.nodes.append(merged)
-    return ""
+
+    def rewrite() -> None:
+        inputs = [x, gs.Constant(f"{convs[0].name}_merged_weight", np.concatenate(weights, axis=0))]
+        if biases:
+            inputs.append(gs.Constant(f"{convs[0].name}_merged_bias", np.concatenate(biases)))
+        attrs = dict(convs[0].attrs)
+        attrs["group"] = sum(int(c.attrs["group"]) for c in convs)
+        merged = gs.Node("Conv", f"{convs[0].name}_merged", attrs, inputs, list(concat.outputs))
+        concat.outputs.clear()
+        for c in convs:
+            c.outputs.clear()
+        graph.nodes.append(merged)
+    return rewrite
+
+
+RULES = [concat_rule(_merge, "merged grouped convs {} on channel slices into one conv")]
+_pass = concat_rule_pass("merge-grouped", RULES)
 
 
 def merge_grouped(graph: gs.Graph) -> PassResult:
-    return run_concat_rules(graph, "merge-grouped",
-                            [(_merge, "merged grouped convs {} on channel slices into one conv")])
+    return _pass(graph)

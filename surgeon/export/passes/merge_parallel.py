@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from surgeon.export.passes.base import PassResult, constant_value, is_graph_output, run_concat_rules
+from surgeon.export.passes.graph import constant_value, is_graph_output
+from surgeon.export.passes.rules import PassResult, Rewrite, concat_rule, concat_rule_pass
 
 _LINEAR = ("Conv", "Gemm", "MatMul")
 
@@ -57,7 +58,7 @@ def _known_rank(*tensors: gs.Tensor) -> int | None:
     return None
 
 
-def _merge_matmul(graph: gs.Graph, concat: gs.Node) -> str | None:
+def _merge_matmul(graph: gs.Graph, concat: gs.Node) -> str | Rewrite | None:
     """MatMul(+Add) branches on one input concatenated on the last axis → one MatMul (+ one Add)."""
     branches = [_matmul_branch(t) for t in concat.inputs]
     if len(branches) < 2 or any(b is None for b in branches):
@@ -93,27 +94,28 @@ def _merge_matmul(graph: gs.Graph, concat: gs.Node) -> str | None:
         if b.ndim > (rank if rank is not None else 1) or any(d != 1 for d in b.shape[:-1]) or (b.ndim and b.shape[-1] not in (1, k)):
             return f"the constant of Add {add.name} ({list(b.shape)}) is not broadcast over the last dim only"
         biases.append(np.broadcast_to(b.reshape(-1).astype(w.dtype), (k,)))
-    weight = np.concatenate(weights, axis=1)
-    out = concat.outputs[0]
-    first = mms[0]
-    concat.outputs.clear()
-    for mm, _, add in branches:
-        mm.outputs.clear()
-        if add is not None:
-            add.outputs.clear()
-    w_const = gs.Constant(f"{first.name}_merged_weight", weight)
-    if all(b is None for b in biases):
-        graph.nodes.append(gs.Node("MatMul", f"{first.name}_merged", {}, [x, w_const], [out]))
-        return ""
-    bias = np.concatenate([np.zeros(w.shape[1], w.dtype) if b is None else b for b, w in zip(biases, weights)])
-    mid = gs.Variable(f"{first.name}_merged_out", dtype=out.dtype, shape=out.shape)
-    graph.nodes.append(gs.Node("MatMul", f"{first.name}_merged", {}, [x, w_const], [mid]))
-    graph.nodes.append(gs.Node("Add", f"{first.name}_merged_bias_add", {},
-                               [mid, gs.Constant(f"{first.name}_merged_bias", bias)], [out]))
-    return ""
+
+    def rewrite() -> None:
+        out = concat.outputs[0]
+        first = mms[0]
+        concat.outputs.clear()
+        for mm, _, add in branches:
+            mm.outputs.clear()
+            if add is not None:
+                add.outputs.clear()
+        w_const = gs.Constant(f"{first.name}_merged_weight", np.concatenate(weights, axis=1))
+        if all(b is None for b in biases):
+            graph.nodes.append(gs.Node("MatMul", f"{first.name}_merged", {}, [x, w_const], [out]))
+            return
+        bias = np.concatenate([np.zeros(w.shape[1], w.dtype) if b is None else b for b, w in zip(biases, weights)])
+        mid = gs.Variable(f"{first.name}_merged_out", dtype=out.dtype, shape=out.shape)
+        graph.nodes.append(gs.Node("MatMul", f"{first.name}_merged", {}, [x, w_const], [mid]))
+        graph.nodes.append(gs.Node("Add", f"{first.name}_merged_bias_add", {},
+                                   [mid, gs.Constant(f"{first.name}_merged_bias", bias)], [out]))
+    return rewrite
 
 
-def _merge_linear(graph: gs.Graph, concat: gs.Node) -> str | None:
+def _merge_linear(graph: gs.Graph, concat: gs.Node) -> str | Rewrite | None:
     producers = [t.inputs[0] if t.inputs else None for t in concat.inputs]
     if len(producers) < 2 or any(p is None or p.op not in _LINEAR for p in producers):
         return None
@@ -137,26 +139,27 @@ def _merge_linear(graph: gs.Graph, concat: gs.Node) -> str | None:
     rest = [w.shape[:axis] + w.shape[axis + 1:] for w in weights]
     if any(r != rest[0] for r in rest):
         return "branch weights differ in shape"
-    weight = np.concatenate(weights, axis=axis)
-    inputs = [first.inputs[0], gs.Constant(f"{first.name}_merged_weight", weight)]
-    has_bias = [len(p.inputs) > 2 for p in producers]
-    if any(has_bias):
-        biases = []
+    biases = []
+    if any(len(p.inputs) > 2 for p in producers):
         for p, w in zip(producers, weights):
             b = constant_value(p.inputs[2]) if len(p.inputs) > 2 else np.zeros(w.shape[axis], w.dtype)
             if b is None or b.size not in (1, w.shape[axis]) or (b.ndim == 2 and b.shape[0] != 1) or b.ndim > 2:
                 return "a branch bias is not a per-output constant"
             biases.append(np.broadcast_to(b.reshape(-1), (w.shape[axis],)))  # Gemm biases may broadcast
-        inputs.append(gs.Constant(f"{first.name}_merged_bias", np.concatenate(biases)))
-    merged = gs.Node(first.op, f"{first.name}_merged", dict(first.attrs), inputs, list(concat.outputs))
-    concat.outputs.clear()
-    for p in producers:
-        p.outputs.clear()
-    graph.nodes.append(merged)
-    return ""
+
+    def rewrite() -> None:
+        inputs = [first.inputs[0], gs.Constant(f"{first.name}_merged_weight", np.concatenate(weights, axis=axis))]
+        if biases:
+            inputs.append(gs.Constant(f"{first.name}_merged_bias", np.concatenate(biases)))
+        merged = gs.Node(first.op, f"{first.name}_merged", dict(first.attrs), inputs, list(concat.outputs))
+        concat.outputs.clear()
+        for p in producers:
+            p.outputs.clear()
+        graph.nodes.append(merged)
+    return rewrite
 
 
-def _merge_split_batchnorm(graph: gs.Graph, concat: gs.Node) -> str | None:
+def _merge_split_batchnorm(graph: gs.Graph, concat: gs.Node) -> str | Rewrite | None:
     bns = [t.inputs[0] if t.inputs else None for t in concat.inputs]
     if len(bns) < 2 or any(b is None or b.op != "BatchNormalization" for b in bns):
         return None
@@ -187,22 +190,28 @@ def _merge_split_batchnorm(graph: gs.Graph, concat: gs.Node) -> str | None:
         return "the slices do not cover all channels"
     if len({b.attrs.get("epsilon", 1e-5) for b in bns}) != 1:
         return "the BatchNorms have different epsilons"
-    params = [np.concatenate([constant_value(b.inputs[i]) for b in bns]) for i in range(1, 5)]
-    src = slices[0].inputs[0]
-    names = ("scale", "bias", "mean", "var")
-    merged = gs.Node("BatchNormalization", f"{bns[0].name}_merged", {"epsilon": bns[0].attrs.get("epsilon", 1e-5)},
-                     [src] + [gs.Constant(f"{bns[0].name}_merged_{n}", p) for n, p in zip(names, params)],
-                     list(concat.outputs))
-    concat.outputs.clear()
-    for b in bns:
-        b.outputs.clear()
-    graph.nodes.append(merged)
-    return ""
+
+    def rewrite() -> None:
+        params = [np.concatenate([constant_value(b.inputs[i]) for b in bns]) for i in range(1, 5)]
+        src = slices[0].inputs[0]
+        names = ("scale", "bias", "mean", "var")
+        merged = gs.Node("BatchNormalization", f"{bns[0].name}_merged", {"epsilon": bns[0].attrs.get("epsilon", 1e-5)},
+                         [src] + [gs.Constant(f"{bns[0].name}_merged_{n}", p) for n, p in zip(names, params)],
+                         list(concat.outputs))
+        concat.outputs.clear()
+        for b in bns:
+            b.outputs.clear()
+        graph.nodes.append(merged)
+    return rewrite
+
+
+RULES = [
+    concat_rule(_merge_matmul, "merged branches {} into one op"),
+    concat_rule(_merge_linear, "merged branches {} into one op"),
+    concat_rule(_merge_split_batchnorm, "merged BatchNorm halves {} into one op"),
+]
+_pass = concat_rule_pass("merge-parallel", RULES)
 
 
 def merge_parallel(graph: gs.Graph) -> PassResult:
-    return run_concat_rules(graph, "merge-parallel", [
-        (_merge_matmul, "merged branches {} into one op"),
-        (_merge_linear, "merged branches {} into one op"),
-        (_merge_split_batchnorm, "merged BatchNorm halves {} into one op"),
-    ])
+    return _pass(graph)
