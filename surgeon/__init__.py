@@ -24,10 +24,15 @@ from surgeon.errors import SurgeonError, missing_extra
 
 if TYPE_CHECKING:
     from surgeon.api import Deep, Wide, build, export_onnx, grow_model, param_groups, save
+    from surgeon.export.quantize import QuantizeOptions
+    from surgeon.export.quantize import quantize_file as quantize
 
 _API = ("Wide", "Deep", "grow_model", "param_groups", "save", "export_onnx", "build")
+# The deploy side's names: ONNX Runtime and onnx, no PyTorch (they work in the deploy-only install).
+_DEPLOY = {"QuantizeOptions": ("surgeon.export.quantize", "QuantizeOptions"),
+           "quantize": ("surgeon.export.quantize", "quantize_file")}
 
-__all__ = ["SurgeonError", "__version__", "load", *_API]
+__all__ = ["SurgeonError", "__version__", "load", *_API, *_DEPLOY]
 
 
 def load(path, *, trust_code: bool = False, map_location: str = "cpu"):
@@ -53,8 +58,15 @@ def __getattr__(name: str) -> Any:
         value = getattr(api, name)
         globals()[name] = value
         return value
+    if name in _DEPLOY:
+        import importlib
+
+        module, attr = _DEPLOY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'surgeon' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_API))
+    return sorted(set(globals()) | set(_API) | set(_DEPLOY))

@@ -40,6 +40,7 @@ from surgeon.train.config import TUNE_MODES
 
 if TYPE_CHECKING:  # imported when called: export brings onnx and ONNX Runtime, trt TensorRT
     from surgeon.export.onnx_export import ExportResult
+    from surgeon.export.quantize import QuantizeOptions
     from surgeon.trt.build import EngineReport
 
 __all__ = ["Wide", "Deep", "grow_model", "param_groups", "save", "export_onnx", "build"]
@@ -259,11 +260,13 @@ def save(model: nn.Module, path: str | Path, *, classes: Sequence[str] | None = 
 def export_onnx(grown: str | Path | nn.Module, output: str | Path | None = None, *, precision: str = "fp32",
                 opset: int = DEFAULT_OPSET, calib: str | None = None, fold: bool = True,
                 batch: str | BatchRange = BatchRange(), classes: Sequence[str] | None = None,
-                trust_code: bool = False) -> ExportResult:
+                trust_code: bool = False, quantization: QuantizeOptions | None = None) -> ExportResult:
     """Export a ``grown.pt`` (or a grown model, saved first to a temporary checkpoint) to ONNX, as
     ``surgeon export``: graph passes (``fold=False``: cleanup only), verified against PyTorch with
     ONNX Runtime after export and after each pass, written atomically only if it matches.
-    ``precision="fp16"`` keeps GrowNorm in fp32. ``output`` defaults to ``model.onnx`` beside the
+    ``precision="fp16"`` keeps GrowNorm in fp32; ``precision="int8"`` quantizes the folded graph
+    with ``quantization`` (a :class:`surgeon.QuantizeOptions`; default: its defaults on the ``calib``
+    images) and writes it only if it agrees with fp32. ``output`` defaults to ``model.onnx`` beside the
     checkpoint (required for a module). Returns the export's result (``.path``, ``.verifications``,
     ``.passes``).
 
@@ -272,7 +275,8 @@ def export_onnx(grown: str | Path | nn.Module, output: str | Path | None = None,
     from surgeon.export.onnx_export import export_checkpoint
 
     batch = BatchRange.parse(batch) if isinstance(batch, str) else batch
-    kwargs = dict(opset=opset, trust_code=trust_code, calib=calib, fold=fold, precision=precision, batch=batch)
+    kwargs = dict(opset=opset, trust_code=trust_code, calib=calib, fold=fold, precision=precision, batch=batch,
+                  quantization=quantization)
     if isinstance(grown, (str, Path)):
         return export_checkpoint(grown, output, **kwargs)
     if output is None:

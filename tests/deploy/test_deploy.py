@@ -134,3 +134,10 @@ def test_the_python_api_names_the_extra():
     assert proc.returncode != 0 and "grow_model" in proc.stdout  # the names are listed; using one says what to install
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("surgeon.errors.MissingExtraError: surgeon.grow_model needs torch") and "surgeon[train]" in last
+
+
+@pytest.mark.skipif(HAS_TORCH, reason="needs an install without PyTorch")
+def test_the_python_quantize_api_needs_no_torch():
+    proc, _ = run("py", "import surgeon, sys; surgeon.QuantizeOptions; surgeon.quantize; print('torch' in sys.modules)")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False"

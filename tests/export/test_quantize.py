@@ -339,3 +339,17 @@ def test_grown_resnet18_quantizes_with_agreement(tmp_path):
 
     report = build_engine(result.path, tmp_path / "model.int8.engine", builder="tensorrt-rtx", precision="int8")
     assert report.engine_bytes > 1_000_000 and report.grownorm_nodes == 1
+
+
+def test_the_python_api_quantizes_a_file_and_an_export(grown, digits, tmp_path):
+    """surgeon.quantize / surgeon.QuantizeOptions (torch-free) and export_onnx(precision="int8", quantization=)."""
+    import surgeon
+
+    assert surgeon.quantize is quantize_file and surgeon.QuantizeOptions is QuantizeOptions
+    opts = surgeon.QuantizeOptions(str(digits), method="percentile")
+    from_file = surgeon.quantize(grown[1], tmp_path / "a.int8.onnx", opts)
+    exported = surgeon.export_onnx(grown[0], tmp_path / "b.int8.onnx", precision="int8", quantization=opts)
+    for path in (from_file.path, exported.path):
+        model = onnx.load(path)
+        assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}
+    assert from_file.method == "percentile" and from_file.held_out.top1 >= 0.99
