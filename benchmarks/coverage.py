@@ -176,7 +176,7 @@ def family_summary(results: list[dict]) -> str:
 SHORT = (("residual add", "residual add"), ("product with another tensor", "SE product"), ("a concat", "concat"),
          ("no growable layer feeds it", "depthwise, no growable feeder"), ("depthwise conv", "depthwise (grows with its feeder)"), ("grouped conv", "grouped (by whole groups, via its feeder)"),
          ("permute", "permute"), ("LayerNorm", "LayerNorm"), ("no image-dependent input", "image-independent input"),
-         ("chunk", "chunk"), ("reshape", "reshape"), ("not a Linear or Conv2d", "not Linear/Conv2d"))
+         ("chunk", "chunk"), ("reshape", "reshape"), ("a view surgeon cannot follow", "view"), ("not a Linear or Conv2d", "not Linear/Conv2d"))
 
 
 def short_reason(reason: str) -> str:
