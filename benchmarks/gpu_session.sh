@@ -5,7 +5,8 @@
 #   run(command="bash benchmarks/gpu_session.sh", timeout_s=570)
 #
 # 1. the GPU tests (pytest -m gpu tests/plugins): the fused kernel inside GrowNorm on CUDA, the
-#    engine's PTX launched as TensorRT launches it (TensorRT's own test skips there);
+#    engine's PTX launched as TensorRT launches it (TensorRT's own test skips there); and growth of
+#    a model already on CUDA (tests/grow/test_device.py: every new tensor on the device, in its dtype);
 # 2. benchmarks/gpu_check.py: correctness and timings, written to $OUT/gpu_check.{json,md} after
 #    every part, so a run cut short keeps what it measured.
 # Copy the table from gpu_check.md into BENCHMARKS.md with the card's name.
@@ -21,7 +22,9 @@ PY=${PYTHON:-python3}
 cat "$OUT/env.txt"
 timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/plugins 2>&1 | tee "$OUT/pytest-gpu.log"
 tests=${PIPESTATUS[0]}
+timeout 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/grow/test_device.py 2>&1 | tee "$OUT/pytest-gpu-growth.log"
+growth=${PIPESTATUS[0]}
 timeout 420 "$PY" benchmarks/gpu_check.py --out "$OUT" 2>&1 | tee "$OUT/gpu_check.log"
 check=${PIPESTATUS[0]}
-echo "gpu tests exit $tests, gpu_check exit $check"
-[ "$tests" -eq 0 ] && [ "$check" -eq 0 ]
+echo "gpu tests exit $tests, growth on CUDA exit $growth, gpu_check exit $check"
+[ "$tests" -eq 0 ] && [ "$growth" -eq 0 ] && [ "$check" -eq 0 ]
