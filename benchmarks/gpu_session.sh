@@ -24,7 +24,7 @@ timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/plugins 2>&1 | t
 tests=${PIPESTATUS[0]}
 timeout 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/grow/test_device.py 2>&1 | tee "$OUT/pytest-gpu-growth.log"
 growth=${PIPESTATUS[0]}
-timeout 420 "$PY" benchmarks/gpu_check.py --out "$OUT" 2>&1 | tee "$OUT/gpu_check.log"
+timeout 350 "$PY" benchmarks/gpu_check.py --out "$OUT" 2>&1 | tee "$OUT/gpu_check.log"
 check=${PIPESTATUS[0]}
 echo "gpu tests exit $tests, growth on CUDA exit $growth, gpu_check exit $check"
 [ "$tests" -eq 0 ] && [ "$growth" -eq 0 ] && [ "$check" -eq 0 ]
