@@ -1,6 +1,6 @@
 """ONNX Runtime (CPU) latency of whole grown networks against plain networks of the same widths
 (issue 12 part 5): ViT-B/16 with its last MLP widened by 768, EfficientNet-B0 with its last
-expansion conv widened.
+expansion conv widened; GoogLeNet and DenseNet-121 with a layer that feeds a concat widened.
 
 Both files come from the real pipeline (``onnx_latency.checkpoint``: trace, apply_steps, a
 100-class head, γ ~ U(5, 15); then ``export_checkpoint`` with the default passes, verified against
@@ -17,7 +17,7 @@ each timed block about ``--block-s`` long, a side's time the mean of its session
 (target ≤ 1.03) and, from ONNX Runtime's profiler in a separate session, how much of the folded
 model's node time is GrowNorm's inlined function.
 
-    python benchmarks/grown_net_latency.py [--cases vit effnet] [--rounds 11] [--batches 1 8] [--json out.json]
+    python benchmarks/grown_net_latency.py [--cases vit effnet googlenet densenet] [--rounds 11] [--batches 1 8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -66,6 +66,12 @@ CASES = {
             "encoder.layers.encoder_layer_11.mlp.0", 768, None),
     "effnet": ("EfficientNet-B0 last expansion features.7.0.block.0.0 +1152", "torchvision:efficientnet_b0",
                "features.7.0.block.0.0", 1152, "grown_net_latency:wide_efficientnet_b0"),
+    # Growth into a concat: γ does not fold through the slices and the concat yet, so this measures
+    # what the GrowNorm that stays costs.
+    "googlenet": ("GoogLeNet inception5b.branch1.conv +128 (into the concat)", "torchvision:googlenet",
+                  "inception5b.branch1.conv", 128, None),
+    "densenet": ("DenseNet-121 denseblock4.denselayer16.conv2 +32 (into the concat)", "torchvision:densenet121",
+                 "features.denseblock4.denselayer16.conv2", 32, None),
 }
 
 
