@@ -92,7 +92,10 @@ def _cut_candidates(model: LeanModel) -> list[tuple[str, int]]:
     sizes = []
     for vi in inferred:
         tt = vi.type.tensor_type
-        if vi.name in wanted and tt.elem_type and tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim[1:]):
+        # Only tensors that carry the batch on dim 0 (dynamic there, fixed after): a scalar or a tensor
+        # computed from constants (Swin-V2's clamped logit scale) is no per-sample activation to feed.
+        batched = tt.HasField("shape") and len(tt.shape.dim) >= 1 and not tt.shape.dim[0].HasField("dim_value")
+        if vi.name in wanted and tt.elem_type and batched and all(d.HasField("dim_value") for d in tt.shape.dim[1:]):
             per_sample = int(np.prod([d.dim_value for d in tt.shape.dim[1:]], dtype=np.int64))  # the batch is dynamic
             sizes.append((vi.name, per_sample * helper.tensor_dtype_to_np_dtype(tt.elem_type).itemsize))
     return sorted(sizes, key=lambda s: s[1])

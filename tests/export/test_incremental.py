@@ -131,3 +131,25 @@ def test_a_captured_output_of_a_node_that_runs_anyway_is_not_fed():
     checks = []
     default_passes(fold=False).run(lean, after_each=lambda n, m: checks.extend(verifier.stage(n, m)))
     assert [c.stage for c in checks] == ["cleanup", "cleanup"] and all(c.ok for c in checks)
+
+
+def test_only_batched_activations_are_cut_points():
+    """A scalar or a constant-derived tensor read by a cut op is never captured and fed (Swin-V2's
+    clamped logit scale went through an Identity: fed as rank 1, ONNX Runtime refused it)."""
+    from onnx import TensorProto, helper
+
+    from surgeon.export.incremental import _cut_candidates
+
+    nodes = [
+        helper.make_node("Constant", [], ["s"], value=helper.make_tensor("v", TensorProto.FLOAT, [], [2.0])),
+        helper.make_node("Identity", ["s"], ["s_id"]),                 # rank 0: not a cut point
+        helper.make_node("Constant", [], ["w"], value=helper.make_tensor("w0", TensorProto.FLOAT, [4], [1, 2, 3, 4])),
+        helper.make_node("Identity", ["w"], ["w_id"]),                 # [4] from constants: not a cut point
+        helper.make_node("Mul", ["x", "s_id"], ["xs"]),
+        helper.make_node("Mul", ["xs", "w_id"], ["xw"]),
+        helper.make_node("Identity", ["xw"], ["y"]),                   # [batch, 4]: the one cut point
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    model = LeanModel.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    assert [name for name, _ in _cut_candidates(model)] == ["xw"]
