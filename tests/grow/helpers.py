@@ -128,3 +128,28 @@ def finetune_one_step(gm: fx.GraphModule, state: GrowthState, size: int, classes
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     opt.step()
     return split, {n for n, p in split.new.items() if not torch.equal(before[n], p.detach())}
+
+
+def export_verified(checkpoint, out):
+    """``export_checkpoint`` with the default passes, trusting the test's factory: every check passes
+    within 1e-4 of the logits' scale and one GrowNorm node is left. Returns the result."""
+    import onnx
+
+    from surgeon.export.onnx_export import export_checkpoint
+
+    result = export_checkpoint(checkpoint, out, trust_code=True)
+    assert result.verifications and all(v.ok for v in result.verifications)
+    assert max(v.rel_err for v in result.verifications) <= 1e-4
+    assert sum(n.op_type == "GrowNorm" for n in onnx.load(result.path).graph.node) == 1
+    return result
+
+
+def builds_with_rtx(onnx_path) -> None:
+    """TensorRT-RTX builds the file into an engine with its one GrowNorm (skips without TensorRT-RTX)."""
+    import pytest
+
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu12 is not installed")
+    from surgeon.trt.build import build_engine
+
+    report = build_engine(onnx_path, builder="tensorrt-rtx")  # 1-4 s for these models; the export is the slow part
+    assert report.engine_bytes > 10_000 and report.grownorm_nodes == 1

@@ -18,7 +18,8 @@ from surgeon.grow.grownorm import GrowNorm
 from surgeon.grow.modules import ExtendedConv2d, GroupWidened, Widened
 from surgeon.grow.recipe import GrowStep, HeadStep
 
-from tests.grow.helpers import finetune_one_step, grow, grown_checkpoint, images, randomize_batchnorms
+from tests.grow.helpers import (builds_with_rtx, export_verified, finetune_one_step, grow, grown_checkpoint, images,
+                                randomize_batchnorms)
 
 SIZE = 32
 UNITS = 12
@@ -163,20 +164,8 @@ def test_checkpoint_rebuild_gives_identical_outputs(tmp_path, name):
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_export_verifies_merges_and_builds(tmp_path, name):
-    import onnx
-
-    from surgeon.export.onnx_export import export_checkpoint
-
     path, _ = _checkpoint(tmp_path, name)
-    result = export_checkpoint(path, tmp_path / "model.onnx", trust_code=True)
-    assert result.verifications and all(v.ok for v in result.verifications)
-    assert max(v.rel_err for v in result.verifications) <= 1e-4
-    graph = onnx.load(result.path).graph
-    assert sum(n.op_type == "GrowNorm" for n in graph.node) == 1
+    result = export_verified(path, tmp_path / "model.onnx")
     merged = next(p for p in result.passes if p["pass"] == "merge-grouped")
     assert merged["changed"], merged  # the depthwise/grouped pair is one conv again
-    if pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu12 is not installed"):  # every family: a few s each
-        from surgeon.trt.build import build_engine
-
-        report = build_engine(result.path, builder="tensorrt-rtx")
-        assert report.engine_bytes > 10_000 and report.grownorm_nodes == 1
+    builds_with_rtx(result.path)

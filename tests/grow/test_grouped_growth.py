@@ -21,7 +21,8 @@ from surgeon.grow.modules import ExtendedConv2d, GroupWidened, SplitBatchNorm, W
 from surgeon.grow.ops import GrowthState, apply_steps
 from surgeon.grow.recipe import GrowStep, HeadStep
 
-from tests.grow.helpers import Capture, grow, grown_checkpoint, images, randomize_batchnorms
+from tests.grow.helpers import (Capture, builds_with_rtx, export_verified, grow, grown_checkpoint, images,
+                                randomize_batchnorms)
 
 SIZE = 32
 
@@ -201,18 +202,5 @@ def test_checkpoint_rebuild_gives_identical_outputs(tmp_path, name):
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_export_verifies(tmp_path, name):
-    import onnx
-
-    from surgeon.export.onnx_export import export_checkpoint
-
     path, _ = _checkpoint(tmp_path, name)
-    result = export_checkpoint(path, tmp_path / "model.onnx", trust_code=True)
-    assert result.verifications and all(v.ok for v in result.verifications)
-    assert max(v.rel_err for v in result.verifications) <= 1e-4
-    graph = onnx.load(result.path).graph
-    assert sum(n.op_type == "GrowNorm" for n in graph.node) == 1
-    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu12 is not installed")
-    from surgeon.trt.build import build_engine
-
-    report = build_engine(result.path, builder="tensorrt-rtx")
-    assert report.engine_bytes > 10_000 and report.grownorm_nodes == 1
+    builds_with_rtx(export_verified(path, tmp_path / "model.onnx").path)
