@@ -9,7 +9,6 @@ import numpy as np
 import onnx
 
 from surgeon.export.lean import LeanModel
-from surgeon.runner import run_batched  # noqa: F401  (re-exported: quantization's agreement checks use it)
 
 
 class OrtRunner:

@@ -45,7 +45,8 @@ from surgeon.errors import SurgeonError
 from surgeon.export.calibration import image_files, labelled_images, load_images, model_preprocessing, split
 from surgeon.export.lean import LeanModel
 from surgeon.export.onnx_io import set_metadata
-from surgeon.export.ort_runner import OrtRunner, run_batched
+from surgeon.export.ort_runner import OrtRunner
+from surgeon.runner import run_batched
 from surgeon.spec import CALIB_METHODS, DEFAULT_CALIB_SAMPLES, DEFAULT_MIN_AGREEMENT, GROWNORM_RANGES, QUANT_TARGETS
 
 OP_TYPES = ("Conv", "Gemm", "MatMul")
