@@ -604,7 +604,7 @@ def _calls(gm: fx.GraphModule) -> dict[str, int]:
 _CONCAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 
 
-def _concat_args(node: fx.Node) -> tuple[list, object] | None:
+def concat_args(node: fx.Node) -> tuple[list, object] | None:
     """``(tensors, dim)`` of a ``torch.cat`` call, or None for any other node."""
     if node.op != "call_function" or node.target not in _CONCAT_FUNCTIONS:
         return None
@@ -617,7 +617,7 @@ def _follow_concat(gm: fx.GraphModule, site: Site, cat: fx.Node, src: fx.Node, s
                    positions: int, offset: int, seen: set[fx.Node]) -> None:
     """``src`` (the layer's channels at ``offset``) is one of the tensors ``cat`` concatenates: its old
     channels keep their place, the new ones go to the end, and the walk goes on from the concat."""
-    tensors, dim = _concat_args(cat)  # type: ignore[misc]
+    tensors, dim = concat_args(cat)  # type: ignore[misc]
     where = f"its output feeds the concat {cat.name}"
     if site.axis != 1 or positions != 1:
         raise GrowthError(f"cannot grow '{site.layer}': {where} in a form surgeon cannot follow "
@@ -644,7 +644,7 @@ def _walk_region(gm: fx.GraphModule, site: Site, src: fx.Node, src_shape: tuple[
     for user in list(src.users):
         if _reads_metadata_only(user):
             continue
-        if _concat_args(user) is not None:
+        if concat_args(user) is not None:
             _follow_concat(gm, site, user, src, src_shape, positions, offset, seen)
             continue
         excite = _excitation(gm, user, src, src_shape) if site.axis == 1 else None

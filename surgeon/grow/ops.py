@@ -276,7 +276,7 @@ def _append_to_concats(gm: fx.GraphModule, site: Site) -> None:
     slices."""
     for arg in site.concats:
         cat = arg.node
-        tensors = list(cat.args[0] if cat.args else cat.kwargs["tensors"])
+        tensors, _ = analysis.concat_args(cat)  # type: ignore[misc]
         if arg.index == len(tensors) - 1:
             continue
         grown = tensors[arg.index]
