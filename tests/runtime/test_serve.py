@@ -359,6 +359,31 @@ def test_png_bytes_match_session(server, session, images, proto):
     np.testing.assert_allclose(res.as_numpy("logits"), session.run(session.preprocess(images[:4])), rtol=1e-5, atol=1e-5)
 
 
+def test_int8_model_serves_the_top1_of_session(model_path, images, tmp_path):
+    """An int8 Q/DQ file (surgeon quantize, the ort-cpu target) served end to end: the same logits
+    and top-1 as Session on that file, over tensors and PNG bytes."""
+    from surgeon.export.quantize import QuantizeOptions, quantize_file
+    from tests.export.test_quantize import write_generated_images
+
+    calib = write_generated_images(tmp_path / "calib", 64, 32)
+    int8 = quantize_file(model_path, tmp_path / "model.int8.onnx",
+                         QuantizeOptions(str(calib), target="ort-cpu", min_agreement=0)).path
+    session = Session(int8, "ort-cpu")
+    assert session.artifact.precision == "int8"
+    srv = Server(int8, tmp_path / "serve.log")
+    try:
+        batch = session.preprocess(images)
+        logits = _infer(srv, "http", NAME, "images", batch, "FP32").as_numpy("logits")
+        np.testing.assert_allclose(logits, session.run(batch), rtol=1e-5, atol=1e-5)
+        expected = session.predict(images[:4], topk=1)
+        assert logits.argmax(axis=1)[:4].tolist() == [top[0].index for top in expected]
+        blobs = np.array([[_png(a)] for a in images[:4]], dtype=object)
+        res = _infer(srv, "grpc", NAME + "_image", "image", blobs, "BYTES")
+        assert [row[0].decode() for row in res.as_numpy("label")] == [top[0].label for top in expected]
+    finally:
+        srv.stop()
+
+
 @pytest.mark.parametrize("proto", ["http", "grpc"])
 @pytest.mark.parametrize("case", ["dtype", "shape", "batch", "garbage", "too-big", "empty"])
 def test_malformed_requests_get_4xx_and_server_stays_healthy(server, proto, case):
