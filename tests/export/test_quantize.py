@@ -353,3 +353,28 @@ def test_the_python_api_quantizes_a_file_and_an_export(grown, digits, tmp_path):
         model = onnx.load(path)
         assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}
     assert from_file.method == "percentile" and from_file.held_out.top1 >= 0.99
+
+
+def test_bench_and_triton_repo_take_the_int8_file(int8, grown, digits, tmp_path):
+    """`surgeon bench` times the int8 file against its fp32 export; `export --precision int8
+    --triton-repo` writes a repository whose model is the int8 file (config for ONNX Runtime, TensorRT
+    asked for INT8) and runs on ONNX Runtime."""
+    from google.protobuf import text_format
+
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient is not installed")
+    res = CliRunner().invoke(cli, ["bench", str(int8.path), "--vs", str(grown[1]), "--batch", "2", "--iters", "3",
+                                   "--warmup", "1", "--json", str(tmp_path / "b.json")])
+    assert res.exit_code == 0, res.output
+    [run] = json.loads((tmp_path / "b.json").read_text())["runs"]
+    assert [r["calls"] for r in run["results"]] == [3, 3] and run["ratio"] > 0
+    res = CliRunner().invoke(cli, ["export", str(grown[0]), "-o", str(tmp_path / "m.onnx"), "--precision", "int8",
+                                   "--calib", str(digits), "--triton-repo", str(tmp_path / "repo"), "--triton-name", "digits"])
+    assert res.exit_code == 0, res.output
+    served = tmp_path / "repo" / "digits" / "1" / "model.onnx"
+    meta = {p.key: p.value for p in onnx.load(served).metadata_props}
+    assert meta["surgeon.precision"] == "int8" and "QuantizeLinear" in {n.op_type for n in onnx.load(served).graph.node}
+    cfg = text_format.Parse((tmp_path / "repo" / "digits" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert cfg.platform == "onnxruntime_onnx"
+    assert cfg.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters["precision_mode"] == "INT8"
+    x = np.zeros((2, *cfg.input[0].dims), np.float32)
+    assert ort.InferenceSession(str(served)).run(None, {cfg.input[0].name: x})[0].shape == (2, *cfg.output[0].dims)
