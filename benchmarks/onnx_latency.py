@@ -30,6 +30,7 @@ from surgeon.grow.analysis import trace
 from surgeon.grow.grownorm import GrowNorm
 from surgeon.grow.ops import GrowthState, apply_steps
 from surgeon.grow.recipe import GrowStep, HeadStep
+from surgeon.onnxrt import session_options
 from surgeon.preprocessing import Preprocessing
 from surgeon.zoo import build_architecture
 
@@ -53,9 +54,10 @@ def checkpoint(path: Path, arch: str, layer: str, units: int, norm: bool) -> Pat
 
 
 def session(model: Path | bytes, threads: int) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session of a file or of serialized model bytes."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    """An ONNX Runtime CPU session of a file or of serialized model bytes, with surgeon's options
+    (exact int8 arithmetic on x86 CPUs without VNNI: what ``surgeon bench`` and ``Session`` run)."""
+    opts = session_options(threads)
+    opts.inter_op_num_threads = 1
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
                                 providers=["CPUExecutionProvider"])
 
