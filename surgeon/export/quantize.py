@@ -228,15 +228,20 @@ def _quantized_inputs(proto: onnx.ModelProto, exclude: list[str]) -> set[str]:
     return {n.input[0] for n in quantizable_nodes(proto) if n.name not in exclude}
 
 
-def _float_outputs(proto: onnx.ModelProto) -> None:
-    """Remove the Q/DQ pair ONNX Runtime puts on a graph output: the producer writes the output
-    itself (logits are not worth an 8-bit rounding, and a runtime reads them as float)."""
-    graph = proto.graph
-    producer = {o: n for n in graph.node for o in n.output}
+def _producers_and_uses(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, int]]:
+    """tensor → the node that writes it; tensor → how many node inputs read it."""
     uses: dict[str, int] = {}
     for n in graph.node:
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
+    return {o: n for n in graph.node for o in n.output}, uses
+
+
+def _float_outputs(proto: onnx.ModelProto) -> None:
+    """Remove the Q/DQ pair ONNX Runtime puts on a graph output: the producer writes the output
+    itself (logits are not worth an 8-bit rounding, and a runtime reads them as float)."""
+    graph = proto.graph
+    producer, uses = _producers_and_uses(graph)
     drop = []
     for out in graph.output:
         dq = producer.get(out.name)
@@ -250,11 +255,56 @@ def _float_outputs(proto: onnx.ModelProto) -> None:
             continue
         source.output[list(source.output).index(q.input[0])] = out.name
         drop += [q, dq]
-    for n in drop:
+    _remove(graph, drop)
+
+
+def _remove(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    """Remove ``nodes`` and the scalar scales and zero points no node reads any more."""
+    for n in nodes:
         graph.node.remove(n)
     used = {i for n in graph.node for i in n.input}
     for t in [t for t in graph.initializer if t.name not in used and not t.dims and t.name.endswith(("_scale", "_zero_point"))]:
         graph.initializer.remove(t)
+
+
+def fuse_residual_adds(proto: onnx.ModelProto) -> list[str]:
+    """TensorRT's Q/DQ placement at a skip connection (its developer guide, "Q/DQ Layer-Placement
+    Recommendations"): quantize the *residual* input of the Add, and leave the weighted layer's output
+    that is the Add's other input in float, so that the conv and the add fuse into one int8 kernel
+    (an extra Q/DQ pair between them "forces the separation of the convolution from the element-wise
+    addition"); the residual's precision is the fused kernel's output precision, so it must be int8.
+    ONNX Runtime's quantizer puts a Q/DQ pair on every Conv/Gemm/MatMul output; this removes the one
+    on a weighted layer's output read only by an Add whose other input is dequantized (the residual).
+    Where both inputs are such outputs (a projection shortcut), the first keeps float and fuses:
+    ``out += identity`` puts the main branch first. Returns the Adds changed."""
+    graph = proto.graph
+    producer, uses = _producers_and_uses(graph)
+    outputs = {o.name for o in graph.output}
+
+    def fusable(tensor: str) -> tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto] | None:
+        """(weighted node, Q, DQ) where ``tensor`` is DQ(Q(a weighted node's output)), each read once."""
+        dq = producer.get(tensor)
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        w = producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+        if w is None or w.op_type not in OP_TYPES or w.domain:
+            return None
+        if any(uses.get(t, 0) != 1 or t in outputs for t in (q.input[0], dq.input[0], tensor)):
+            return None
+        return w, q, dq
+
+    changed, drop = [], []
+    for add in [n for n in graph.node if n.op_type == "Add" and not n.domain and len(n.input) == 2]:
+        chains = [fusable(i) for i in add.input]
+        dequantized = [(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear") for i in add.input]
+        if not all(dequantized) or not any(chains):
+            continue
+        k = 0 if chains[0] else 1   # the other input stays the quantized residual
+        w, q, dq = chains[k]
+        add.input[k] = w.output[0]
+        drop += [q, dq]
+        changed.append(add.name)
+    _remove(graph, drop)
+    return changed
 
 
 def quantized_nodes(proto: onnx.ModelProto) -> list[str]:
@@ -349,6 +399,8 @@ class _Quantizer:
                 raise SurgeonError(f"ONNX Runtime's quantization failed: {ort_message(exc)}") from None
         lean = LeanModel.load(out)
         _float_outputs(lean.proto)
+        if trt:
+            fuse_residual_adds(lean.proto)
         return lean
 
     def _calibrate(self) -> None:

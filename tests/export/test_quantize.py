@@ -23,6 +23,7 @@ from surgeon.export.quantize import QuantizeOptions, quantize_file
 from surgeon.grow.analysis import trace
 from surgeon.grow.ops import GrowthState, apply_steps
 from surgeon.grow.recipe import GrowStep
+from surgeon.onnxrt import open_session
 from surgeon.zoo import load_base
 from tests.conftest import DIGITNET
 
@@ -106,8 +107,9 @@ def test_digitnet_int8_is_valid_runs_and_agrees(int8, grown, digits):
     assert int8.held_out.margin > 5 * int8.held_out.max_abs_err  # why nothing flips: a trained model's classes stand apart
     assert int8.accuracy["images"] == 200 and int8.accuracy["int8"] >= int8.accuracy["fp32"] - 0.02 >= 0.9
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
-    a = ort.InferenceSession(str(grown[1])).run(None, {"images": x})[0]
-    b = ort.InferenceSession(str(int8.path)).run(None, {"images": x})[0]
+    # the files read back directly, with surgeon's session options (exact int8 on CPUs without VNNI)
+    a = open_session(str(grown[1]), ["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    b = open_session(str(int8.path), ["CPUExecutionProvider"]).run(None, {"images": x})[0]
     assert b.shape == (4, 5) and 0 < np.abs(a - b).max() < 0.1 * np.abs(a).max()
 
 
@@ -353,6 +355,66 @@ def test_the_python_api_quantizes_a_file_and_an_export(grown, digits, tmp_path):
         model = onnx.load(path)
         assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}
     assert from_file.method == "percentile" and from_file.held_out.top1 >= 0.99
+
+
+def _residual_block(path: Path, projection: bool) -> Path:
+    """x -> Conv -> Relu -> Conv -> Add(., shortcut) -> Relu -> Conv: a ResNet basic block and the next
+    conv; the shortcut is x itself or, with ``projection``, a 1x1 Conv of x (both Add inputs convs)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+
+    def w(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1] * 4)]
+    shortcut = "x"
+    if projection:
+        nodes.append(helper.make_node("Conv", ["x", "wp"], ["p"], name="proj"))
+        shortcut = "p"
+    nodes += [helper.make_node("Add", ["c2", shortcut], ["a"], name="add"),
+              helper.make_node("Relu", ["a"], ["r2"], name="relu2"),
+              helper.make_node("Conv", ["r2", "w3"], ["y"], name="conv3")]
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [w("w1", 4, 4, 3, 3), w("w2", 4, 4, 3, 3), w("wp", 4, 4, 1, 1), w("w3", 3, 4, 1, 1)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_residual_add_keeps_the_conv_output_float_and_the_shortcut_quantized(tmp_path, projection):
+    """TensorRT's placement at a skip connection: the conv feeding the Add has no Q/DQ on its output
+    (it fuses with the Add), the shortcut is dequantized; the numbers stay those of the Q/DQ graph."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from surgeon.export.quantize import _Reader, _quiet, fuse_residual_adds
+
+    x = np.random.default_rng(1).standard_normal((32, 4, 8, 8)).astype(np.float32)
+    source = _residual_block(tmp_path / "block.onnx", projection)
+    with _quiet():
+        quantize_static(str(source), str(tmp_path / "q.onnx"), _Reader("x", x, 16), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["Conv"], extra_options={"ActivationSymmetric": True})
+    model = onnx.load(tmp_path / "q.onnx")
+    def run(m: onnx.ModelProto | Path) -> np.ndarray:
+        return open_session(m.SerializeToString() if isinstance(m, onnx.ModelProto) else str(m), ["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    before = run(model)
+    assert fuse_residual_adds(model) == ["add"]
+    onnx.checker.check_model(model)
+    add = next(n for n in model.graph.node if n.op_type == "Add")
+    producers = _producers(model)
+    assert add.input[0] == "c2" and producers["c2"].name == "conv2"           # float conv output into the Add
+    assert producers[add.input[1]].op_type == "DequantizeLinear"             # the quantized shortcut
+    assert _consumers(model, "c2") == [add]
+    after, reference = run(model), run(source)
+    # one rounding fewer: at least as close to fp32 as the graph it came from (and close to it)
+    assert np.abs(after - reference).mean() <= np.abs(before - reference).mean() * 1.05
+    np.testing.assert_allclose(after, before, atol=0.1 * np.abs(reference).max())
+    assert fuse_residual_adds(model) == []   # idempotent: nothing left to fuse
 
 
 def test_bench_and_triton_repo_take_the_int8_file(int8, grown, digits, tmp_path):
