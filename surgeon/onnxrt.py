@@ -54,3 +54,21 @@ def open_session(source: str | bytes, providers: list[str], threads: int | None 
         return ort.InferenceSession(source, session_options(threads), providers=providers)
     except Exception as exc:
         raise SurgeonError(f"ONNX Runtime cannot load {what}: {ort_message(exc)}") from None
+
+
+def u8s8_saturates(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """True on an x86 CPU without VNNI, where ONNX Runtime's fast U8S8 int8 kernels can saturate (so
+    :func:`session_options` makes it use slower exact ones for 8-bit weights); False on a VNNI or
+    non-x86 CPU; None where the flags cannot be read (not Linux)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if flags is None:
+        return None
+    return not {"avx512_vnni", "avx_vnni"} & set(flags)

@@ -45,3 +45,23 @@ def test_int8_conv_is_exact_where_u8s8_kernels_saturate(activation):
     y = open_session(model.SerializeToString(), ["CPUExecutionProvider"]).run(None, {"x": x})[0]
     exact = channels * x[0, 0, 0, 0]   # every weight dequantizes to 1
     np.testing.assert_allclose(y, np.full_like(y, exact), rtol=0.01)
+
+
+@pytest.mark.parametrize(("flags", "machine", "expected"), [
+    ("fpu sse4_1 avx2 fma", "x86_64", True),             # AVX2 EPYC / older Xeon: U8S8 saturates
+    ("fpu avx2 avx512f avx512bw", "x86_64", True),        # AVX-512 without VNNI
+    ("fpu avx2 avx512f avx512_vnni", "x86_64", False),
+    ("fpu avx2 avx_vnni", "x86_64", False),
+    ("fp asimd asimddp", "aarch64", False),               # ARM: no such kernels
+    (None, "x86_64", None),                               # no flags line
+])
+def test_u8s8_saturates_reads_the_cpu_flags(tmp_path, monkeypatch, flags, machine, expected):
+    import platform
+
+    from surgeon.onnxrt import u8s8_saturates
+
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\n" + (f"flags\t\t: {flags}\n" if flags else "model name\t: x\n"))
+    assert u8s8_saturates(str(info)) is expected
+    assert u8s8_saturates(str(tmp_path / "missing")) is (False if machine == "aarch64" else None)

@@ -57,10 +57,10 @@ def _print_passes(passes: list[dict]) -> None:
 @click.option("--triton-name", default=None, help="Model name in --triton-repo [default: the checkpoint's folder name].")
 @friendly_errors
 def export(grown: str, output: str | None, opset: int, calib: str | None, batch_range: str, precision: str,
-           calib_samples: int, calib_method: str, target: str, grownorm_ranges: str, min_agreement: float,
-           exclude: tuple[str, ...], force: bool, data: str | None, no_fold: bool, report: str | None, trust_code: bool,
-           trt: bool, plugin: str, timing_cache: str | None, workspace_mb: int | None, builder: str,
-           triton_repo: str | None, triton_name: str | None) -> None:
+           calib_samples: int, calib_method: str, target: str, reduce_range: bool, grownorm_ranges: str,
+           min_agreement: float, exclude: tuple[str, ...], force: bool, data: str | None, no_fold: bool,
+           report: str | None, trust_code: bool, trt: bool, plugin: str, timing_cache: str | None,
+           workspace_mb: int | None, builder: str, triton_repo: str | None, triton_name: str | None) -> None:
     """Export a grown checkpoint to ONNX: dynamic batch, inputs `images` → `logits`, class names and
     preprocessing in the metadata, each GrowNorm one `surgeon::GrowNorm` node backed by a local
     function (ONNX Runtime runs the file as is). The file is written only after ONNX Runtime matches
@@ -83,10 +83,10 @@ def export(grown: str, output: str | None, opset: int, calib: str | None, batch_
             raise click.UsageError("--precision int8 needs --calib DIR (images to calibrate on)")
         if trt and target != "tensorrt":
             raise click.UsageError(f"--trt needs --target tensorrt (TensorRT does not take --target {target})")
-        quantization = make_options(calib, calib_samples, calib_method, target, grownorm_ranges, min_agreement, exclude,
-                                    force, data)
-    elif exclude or force or data or target != "tensorrt":
-        raise click.UsageError("--exclude, --force, --data and --target are options of --precision int8")
+        quantization = make_options(calib, calib_samples, calib_method, target, reduce_range, grownorm_ranges,
+                                    min_agreement, exclude, force, data)
+    elif exclude or force or data or target != "tensorrt" or reduce_range:
+        raise click.UsageError("--exclude, --force, --data, --target and --reduce-range are options of --precision int8")
     engine = None
     if trt:
         from surgeon.trt.build import choose_grownorm

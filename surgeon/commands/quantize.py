@@ -22,6 +22,9 @@ def quantize_options(fn):
         click.option("--target", type=click.Choice(QUANT_TARGETS), default=QUANT_TARGETS[0], show_default=True,
                      help="tensorrt: int8 activations with zero point 0 (TensorRT builds it; ONNX Runtime runs it too). "
                           "ort-cpu: uint8 activations, for ONNX Runtime's fast x86 kernels (TensorRT refuses it)."),
+        click.option("--reduce-range", is_flag=True,
+                     help="7-bit weights, for --target ort-cpu on x86 CPUs without VNNI (AVX2, AVX-512F): ONNX Runtime "
+                          "keeps its fast int8 kernels there (8-bit weights run exactly but slower)."),
         click.option("--grownorm-ranges", type=click.Choice(GROWNORM_RANGES), default=GROWNORM_RANGES[0], show_default=True,
                      help="Ranges of GrowNorm outputs: calibrated, or gamma: |y| <= max|γ| by construction (no calibration). "
                           "The report compares both."),
@@ -38,12 +41,12 @@ def quantize_options(fn):
     return fn
 
 
-def make_options(calib: str, calib_samples: int, calib_method: str, target: str, grownorm_ranges: str,
-                 min_agreement: float, exclude: tuple[str, ...], force: bool, data: str | None):
+def make_options(calib: str, calib_samples: int, calib_method: str, target: str, reduce_range: bool,
+                 grownorm_ranges: str, min_agreement: float, exclude: tuple[str, ...], force: bool, data: str | None):
     from surgeon.export.quantize import QuantizeOptions
 
     options = QuantizeOptions(calib, calib_samples, calib_method, min_agreement, tuple(exclude), force, grownorm_ranges,
-                              data, target)
+                              data, target, reduce_range)
     options.check()
     return options
 
@@ -56,7 +59,8 @@ def _agreement(a) -> str:
 def print_quantize_report(result) -> None:
     n_quant = len(result.quantized)
     acts = "int8 inputs" if result.target == "tensorrt" else "uint8 inputs"
-    click.echo(f"  int8      {n_quant} Conv/Gemm/MatMul node(s) with {acts} and int8 weights (per-channel), GrowNorm and "
+    weights = "int8 weights (per-channel)" if result.weight_bits == 8 else "7-bit int8 weights (per-channel, --reduce-range)"
+    click.echo(f"  int8      {n_quant} Conv/Gemm/MatMul node(s) with {acts} and {weights}, GrowNorm and "
                f"the logits in float, for {result.target}; {result.method} calibration on {result.calibration_images} image(s)")
     click.echo(f"  held out  {result.held_out.images} image(s): {_agreement(result.held_out)}")
     if result.alternative is not None:
@@ -68,6 +72,12 @@ def print_quantize_report(result) -> None:
             groups = ", ".join(f"{m:.3g}" for m in r.group_max)
             click.echo(f"            {r.tensor} (from {r.grownorm}): calibrated |v| <= {r.calibrated:.3g}, bound from γ "
                        f"{r.gamma_bound:.3g}; per group (old first) max |y| {groups}")
+    if result.target == "ort-cpu" and result.weight_bits == 8:
+        from surgeon.onnxrt import u8s8_saturates
+
+        if u8s8_saturates():
+            click.echo("  note      this x86 CPU has no VNNI: ONNX Runtime runs 8-bit weights here with exact but slower "
+                       "kernels; --reduce-range (7-bit weights) keeps its fast ones")
     if result.accuracy:
         acc = result.accuracy
         click.echo(f"  accuracy  {acc['images']} labelled image(s): fp32 {acc['fp32']:.4f}, int8 {acc['int8']:.4f}")
@@ -88,8 +98,8 @@ def print_quantize_report(result) -> None:
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the quantization report as JSON.")
 @friendly_errors
 def quantize(model: str, calib: str, output: str | None, calib_samples: int, calib_method: str, target: str,
-             grownorm_ranges: str, min_agreement: float, exclude: tuple[str, ...], force: bool, data: str | None,
-             report: str | None) -> None:
+             reduce_range: bool, grownorm_ranges: str, min_agreement: float, exclude: tuple[str, ...], force: bool,
+             data: str | None, report: str | None) -> None:
     """Quantize an exported fp32 ONNX to INT8 with explicit Quantize/Dequantize nodes (what TensorRT's
     strongly typed networks and ONNX Runtime run): per-channel symmetric int8 weights and per-tensor
     8-bit inputs for every Conv/Gemm/MatMul, calibrated on part of --calib; GrowNorm stays float.
@@ -106,7 +116,8 @@ def quantize(model: str, calib: str, output: str | None, calib_samples: int, cal
     from surgeon.export.quantize import quantize_file
     from surgeon.fileio import atomic_write_text
 
-    options = make_options(calib, calib_samples, calib_method, target, grownorm_ranges, min_agreement, exclude, force, data)
+    options = make_options(calib, calib_samples, calib_method, target, reduce_range, grownorm_ranges, min_agreement, exclude,
+                           force, data)
     out = Path(output) if output else Path(model).with_suffix(".int8.onnx")
     result = quantize_file(model, out, options)
     click.echo(f"wrote {result.path}")

@@ -71,10 +71,17 @@ class QuantizeOptions:
     grownorm_ranges: str = "calibrated"
     data: str | None = None
     target: str = "tensorrt"
+    # 7-bit weights (|w| <= 64: two uint8 x int8 products sum to <= 32640, inside the 16-bit sums that
+    # ONNX Runtime's fast U8S8 kernels saturate on x86 CPUs without VNNI), so it keeps those kernels
+    # there; 8-bit weights get exact but slower U8U8 ones (surgeon.onnxrt.session_options)
+    reduce_range: bool = False
 
     def check(self) -> None:
         if self.target not in QUANT_TARGETS:
             raise SurgeonError(f"--target must be one of {', '.join(QUANT_TARGETS)}, got {self.target!r}")
+        if self.reduce_range and self.target == "tensorrt":
+            raise SurgeonError("--reduce-range (7-bit weights) is for --target ort-cpu on x86 CPUs without VNNI; "
+                               "TensorRT takes full 8-bit weights")
         if self.method not in CALIB_METHODS:
             raise SurgeonError(f"--calib-method must be one of {', '.join(CALIB_METHODS)}, got {self.method!r}")
         if self.grownorm_ranges not in GROWNORM_RANGES:
@@ -131,6 +138,7 @@ class QuantizeResult:
     sensitivity: list[dict] = field(default_factory=list)  # computed when below min_agreement
     below_min_agreement: bool = False         # written anyway (force)
     target: str = "tensorrt"
+    weight_bits: int = 8                      # 7 with reduce_range
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "model"}
@@ -353,7 +361,8 @@ class _Quantizer:
     """Calibrates once (ONNX Runtime's calibration cache in a private folder), then quantizes
     variants of one model from the same ranges: the model itself, one layer at a time, other ranges."""
 
-    def __init__(self, model: LeanModel, images: np.ndarray, method: str, workdir: Path, target: str = "tensorrt") -> None:
+    def __init__(self, model: LeanModel, images: np.ndarray, method: str, workdir: Path, target: str = "tensorrt",
+                 reduce_range: bool = False) -> None:
         # A file, not a ModelProto: ONNX Runtime's quantizer moves an in-memory model's tensors to
         # external data in its own temporary folder, which a second call would then miss.
         self.source = model.save(workdir / "fp32.onnx")[0]
@@ -361,6 +370,7 @@ class _Quantizer:
         self.input = model.inputs[0].name
         self.method = method
         self.target = target
+        self.reduce_range = reduce_range
         self.workdir = workdir
         self.cache = workdir / "ranges.json"
         self._images = images
@@ -389,7 +399,7 @@ class _Quantizer:
             try:
                 quantize_static(self.source, out, None, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(OP_TYPES),
                                 per_channel=True, activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
-                                weight_type=QuantType.QInt8,
+                                weight_type=QuantType.QInt8, reduce_range=self.reduce_range,
                                 nodes_to_quantize=only, nodes_to_exclude=list(exclude), calibrate_method=_methods()[self.method],
                                 use_external_data_format=self.large, extra_options=extra,
                                 calibration_cache_path=self.cache)
@@ -468,7 +478,7 @@ def quantize_model(model: LeanModel, options: QuantizeOptions, *, source: str = 
     quantized_inputs = _quantized_inputs(proto, exclude)
     bounds = {t: b for t, b in grownorm_bounds(model).items() if t in quantized_inputs}
     with tempfile.TemporaryDirectory(prefix="surgeon-quantize-") as tmp:
-        q = _Quantizer(model, calib_x, options.method, Path(tmp), options.target)
+        q = _Quantizer(model, calib_x, options.method, Path(tmp), options.target, options.reduce_range)
         variants = {"calibrated": None, "gamma": {t: (lo, hi) for t, (_, lo, hi) in bounds.items()}}
         chosen = options.grownorm_ranges
         int8 = q.quantize(exclude=exclude, overrides=variants[chosen])
@@ -488,7 +498,8 @@ def quantize_model(model: LeanModel, options: QuantizeOptions, *, source: str = 
                         "fp32": float(np.mean(run_batched(fp32, data_x).argmax(1) == labels)),
                         "int8": float(np.mean(run_batched(OrtRunner(int8), data_x).argmax(1) == labels))}
         result = QuantizeResult(None, int8, options.method, len(parts.calibration), held, chosen, alternative, ranges,
-                                quantized_nodes(int8.proto), exclude, accuracy, target=options.target)
+                                quantized_nodes(int8.proto), exclude, accuracy, target=options.target,
+                                weight_bits=7 if options.reduce_range else 8)
         if held.top1 < options.min_agreement:
             result.sensitivity = _sensitivity(q, proto, exclude, reference, held_x, variants[chosen])
             result.below_min_agreement = True
@@ -497,7 +508,7 @@ def quantize_model(model: LeanModel, options: QuantizeOptions, *, source: str = 
     set_metadata(int8.proto, {"surgeon.precision": "int8", "surgeon.quantization": json.dumps({
         "library": "onnxruntime.quantization", "target": options.target, "method": options.method,
         "calibration_images": len(parts.calibration), "held_out_images": held.images, "top1_agreement": held.top1,
-        "grownorm_ranges": chosen, "excluded": exclude})})
+        "grownorm_ranges": chosen, "excluded": exclude, "weight_bits": result.weight_bits})})
     return result
 
 

@@ -440,3 +440,53 @@ def test_bench_and_triton_repo_take_the_int8_file(int8, grown, digits, tmp_path)
     assert cfg.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters["precision_mode"] == "INT8"
     x = np.zeros((2, *cfg.input[0].dims), np.float32)
     assert ort.InferenceSession(str(served)).run(None, {cfg.input[0].name: x})[0].shape == (2, *cfg.output[0].dims)
+
+
+def _weights_of_quantized_nodes(model: onnx.ModelProto) -> list[np.ndarray]:
+    """The int8 weight arrays the Conv/Gemm/MatMul nodes read through a DequantizeLinear."""
+    producers, inits = _producers(model), {t.name: t for t in model.graph.initializer}
+    return [numpy_helper.to_array(inits[producers[n.input[1]].input[0]]) for n in model.graph.node
+            if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[1] in producers
+            and producers[n.input[1]].op_type == "DequantizeLinear" and producers[n.input[1]].input[0] in inits]
+
+
+def test_reduce_range_writes_7_bit_weights_that_still_agree(grown, digits, tmp_path):
+    """--reduce-range (ort-cpu): every quantized weight in [-64, 64], so two uint8 x int8 products sum to
+    at most 2 * 255 * 64 = 32640 and ONNX Runtime's fast U8S8 kernels cannot saturate their 16-bit sums
+    on a CPU without VNNI; recorded in the metadata; still agrees with fp32.
+    The default uses the full 8 bits (some weight at ±127: per-channel symmetric scales)."""
+    full = quantize_file(grown[1], tmp_path / "full.onnx", QuantizeOptions(str(digits), target="ort-cpu"))
+    reduced = quantize_file(grown[1], tmp_path / "r.onnx", QuantizeOptions(str(digits), target="ort-cpu", reduce_range=True))
+    full_w, reduced_w = _weights_of_quantized_nodes(onnx.load(full.path)), _weights_of_quantized_nodes(onnx.load(reduced.path))
+    assert len(full_w) == len(reduced_w) == 6
+    assert max(int(np.abs(w).max()) for w in full_w) == 127
+    assert max(int(np.abs(w).max()) for w in reduced_w) == 64
+    meta = {p.key: p.value for p in onnx.load(reduced.path).metadata_props}
+    assert json.loads(meta["surgeon.quantization"])["weight_bits"] == 7 and reduced.weight_bits == 7 == 15 - full.weight_bits
+    assert reduced.held_out.top1 >= 0.99
+
+
+def test_reduce_range_is_refused_for_tensorrt(grown, digits, tmp_path):
+    with pytest.raises(SurgeonError, match="--reduce-range .* is for --target ort-cpu"):
+        quantize_file(grown[1], tmp_path / "q.onnx", QuantizeOptions(str(digits), reduce_range=True))
+    res = CliRunner().invoke(cli, ["quantize", str(grown[1]), "--calib", str(digits), "--reduce-range", "-o", str(tmp_path / "q.onnx")])
+    assert res.exit_code == 1 and res.output.count("\n") == 1 and "TensorRT takes full 8-bit weights" in res.output
+    res = CliRunner().invoke(cli, ["export", str(grown[0]), "--reduce-range", "-o", str(tmp_path / "e.onnx")])
+    assert res.exit_code == 2 and "options of --precision int8" in res.output
+    assert not (tmp_path / "q.onnx").exists() and not (tmp_path / "e.onnx").exists()
+
+
+def test_cli_reduce_range_and_the_hint_on_a_cpu_without_vnni(grown, digits, tmp_path, monkeypatch):
+    """The ort-cpu report suggests --reduce-range where the CPU has no VNNI, and not once it is used."""
+    import surgeon.onnxrt
+
+    monkeypatch.setattr(surgeon.onnxrt, "u8s8_saturates", lambda: True)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["quantize", str(grown[1]), "--calib", str(digits), "--target", "ort-cpu", "-o", str(tmp_path / "a.onnx")])
+    assert res.exit_code == 0 and "has no VNNI" in res.output and "--reduce-range" in res.output
+    res = runner.invoke(cli, ["quantize", str(grown[1]), "--calib", str(digits), "--target", "ort-cpu", "--reduce-range",
+                              "-o", str(tmp_path / "b.onnx")])
+    assert res.exit_code == 0 and "7-bit int8 weights" in res.output and "has no VNNI" not in res.output
+    monkeypatch.setattr(surgeon.onnxrt, "u8s8_saturates", lambda: False)
+    res = runner.invoke(cli, ["quantize", str(grown[1]), "--calib", str(digits), "--target", "ort-cpu", "-o", str(tmp_path / "c.onnx")])
+    assert res.exit_code == 0 and "has no VNNI" not in res.output
