@@ -27,6 +27,7 @@ import onnxruntime as ort
 
 from onnx_latency import checkpoint, latency_parser, sessions_twice, side_medians  # sibling scripts (benchmarks/ is on sys.path)
 
+from surgeon import onnxrt
 from surgeon.export.onnx_export import export_checkpoint
 from surgeon.export.quantize import QuantizeOptions, quantize_file
 
@@ -44,9 +45,8 @@ CASES = {
 
 def cpu_flags() -> str:
     """The x86 instruction-set extensions that matter for int8 (VNNI dot products, AMX tiles)."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
+    flags = onnxrt.cpu_flags()
+    if flags is None:
         return "unknown"
     return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags) or "none of them"
 

@@ -56,6 +56,16 @@ def open_session(source: str | bytes, providers: list[str], threads: int | None 
         raise SurgeonError(f"ONNX Runtime cannot load {what}: {ort_message(exc)}") from None
 
 
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU's feature flags (Linux's ``/proc/cpuinfo``), or None where they cannot be read."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as fh:
+            line = next((line for line in fh if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if line is None else set(line.split(":", 1)[1].split())
+
+
 def u8s8_saturates(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
     """True on an x86 CPU without VNNI, where ONNX Runtime's fast U8S8 int8 kernels can saturate (so
     :func:`session_options` makes it use slower exact ones for 8-bit weights); False on a VNNI or
@@ -64,11 +74,5 @@ def u8s8_saturates(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
 
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return False
-    try:
-        with open(cpuinfo, encoding="ascii", errors="replace") as fh:
-            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), None)
-    except OSError:
-        return None
-    if flags is None:
-        return None
-    return not {"avx512_vnni", "avx_vnni"} & set(flags)
+    flags = cpu_flags(cpuinfo)
+    return None if flags is None else not {"avx512_vnni", "avx_vnni"} & flags
