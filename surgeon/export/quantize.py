@@ -482,7 +482,8 @@ def quantize_model(model: LeanModel, options: QuantizeOptions, *, source: str = 
         variants = {"calibrated": None, "gamma": {t: (lo, hi) for t, (_, lo, hi) in bounds.items()}}
         chosen = options.grownorm_ranges
         int8 = q.quantize(exclude=exclude, overrides=variants[chosen])
-        held = Agreement.of(reference, run_batched(OrtRunner(int8), held_x))
+        int8_runner = OrtRunner(int8)   # one session for the held-out and the labelled images
+        held = Agreement.of(reference, run_batched(int8_runner, held_x))
         alternative = None
         if bounds:  # compare the other choice of GrowNorm ranges on the same images
             other = "gamma" if chosen == "calibrated" else "calibrated"
@@ -496,7 +497,7 @@ def quantize_model(model: LeanModel, options: QuantizeOptions, *, source: str = 
             labels = labelled[1]
             accuracy = {"images": int(len(labels)),
                         "fp32": float(np.mean(run_batched(fp32, data_x).argmax(1) == labels)),
-                        "int8": float(np.mean(run_batched(OrtRunner(int8), data_x).argmax(1) == labels))}
+                        "int8": float(np.mean(run_batched(int8_runner, data_x).argmax(1) == labels))}
         result = QuantizeResult(None, int8, options.method, len(parts.calibration), held, chosen, alternative, ranges,
                                 quantized_nodes(int8.proto), exclude, accuracy, target=options.target,
                                 weight_bits=7 if options.reduce_range else 8)
