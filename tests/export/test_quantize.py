@@ -399,8 +399,10 @@ def test_residual_add_keeps_the_conv_output_float_and_the_shortcut_quantized(tmp
                         per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["Conv"], extra_options={"ActivationSymmetric": True})
     model = onnx.load(tmp_path / "q.onnx")
+
     def run(m: onnx.ModelProto | Path) -> np.ndarray:
-        return open_session(m.SerializeToString() if isinstance(m, onnx.ModelProto) else str(m), ["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        source = m.SerializeToString() if isinstance(m, onnx.ModelProto) else str(m)
+        return open_session(source, ["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
     before = run(model)
     assert fuse_residual_adds(model) == ["add"]
