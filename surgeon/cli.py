@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from surgeon import __version__
+from surgeon.collect import freeze_for_exit
 from surgeon.commands.analyze import analyze
 from surgeon.commands.build import build
 from surgeon.commands.common import CONTEXT
@@ -47,4 +48,7 @@ cli.add_command(compare)
 
 
 def main() -> None:
-    cli(prog_name="surgeon")
+    try:
+        cli(prog_name="surgeon")
+    finally:  # click ends with SystemExit: this runs before the interpreter shuts down
+        freeze_for_exit()

@@ -20,7 +20,7 @@ PKG = ROOT / "surgeon"
 # Lowest first. Modules are matched by their longest listed prefix.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("surgeon.errors", "surgeon.spec", "surgeon.contract", "surgeon.imageio", "surgeon.preprocessing",
-              "surgeon.fileio", "surgeon.log", "surgeon.cuda", "surgeon.onnxrt", "surgeon.runner")),
+              "surgeon.fileio", "surgeon.collect", "surgeon.log", "surgeon.cuda", "surgeon.onnxrt", "surgeon.runner")),
     ("grow", ("surgeon.grow",)),
     ("model", ("surgeon.zoo", "surgeon.source", "surgeon.checkpoint")),
     ("train", ("surgeon.train",)),
@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 TORCH = ("torch", "torchvision")
 # Imported torch-free at module level, whatever they import lazily.
 TORCH_FREE_AT_IMPORT = ("surgeon.spec", "surgeon.contract", "surgeon.errors", "surgeon.imageio", "surgeon.preprocessing",
-                        "surgeon.fileio", "surgeon.log", "surgeon.cuda", "surgeon.onnxrt", "surgeon.runner", "surgeon.grow.recipe",
+                        "surgeon.fileio", "surgeon.collect", "surgeon.log", "surgeon.cuda", "surgeon.onnxrt", "surgeon.runner", "surgeon.grow.recipe",
                         "surgeon.train.config", "surgeon.cli", "surgeon.commands", "surgeon.trt", "surgeon.runtime",
                         # surgeon quantize runs in the deploy install
                         "surgeon.export.quantize", "surgeon.export.calibration", "surgeon.export.ort_runner")

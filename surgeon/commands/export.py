@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from surgeon.collect import young_collections
 from surgeon.commands.build import engine_options, engine_paths, print_engine_report
 from surgeon.commands.common import CONTEXT, friendly_errors
 from surgeon.commands.quantize import make_options, print_quantize_report, quantize_options
@@ -155,11 +156,12 @@ def verify(model: str, grown: str, calib: str | None, tolerance: float | None, t
     if tolerance is None:
         tolerance = FP16_TOLERANCE if meta.get("surgeon.precision") == "fp16" else FP32_TOLERANCE
     batch = BatchRange.parse(meta["surgeon.batch"]) if "surgeon.batch" in meta else BatchRange()
-    ckpt = read_checkpoint(grown)
-    reference = torch_reference(ckpt.build_model(trust_code=trust_code, share_weights=True), ckpt.preprocessing,
-                                calib=calib, batches=batch.verify_batches(), max_batch=batch.max)
-    ckpt.state_dict = {}  # PyTorch's part is done: free its weights before ONNX Runtime loads the model's
-    gc.collect()
+    with young_collections():  # the collection frees the traced model without rescanning torch's heap
+        ckpt = read_checkpoint(grown)
+        reference = torch_reference(ckpt.build_model(trust_code=trust_code, share_weights=True), ckpt.preprocessing,
+                                    calib=calib, batches=batch.verify_batches(), max_batch=batch.max)
+        ckpt.state_dict = {}  # PyTorch's part is done: free its weights before ONNX Runtime loads the model's
+        gc.collect()
     checks = verify_onnx(model, reference, stage="verify", tolerance=tolerance,
                          on_failure=f"{model} does not match {grown} (re-export it with `surgeon export`)")
     _print_checks(checks)

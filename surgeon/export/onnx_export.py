@@ -10,6 +10,7 @@ import contextlib
 import gc
 import io
 import json
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch import nn
 
 from surgeon import __version__
 from surgeon.checkpoint import Checkpoint, read_checkpoint
+from surgeon.collect import young_collections
 from surgeon.errors import SurgeonError, first_line
 from surgeon.export import grownorm_op
 from surgeon.export.lean import LeanModel
@@ -103,12 +105,28 @@ def to_onnx(model: nn.Module, input_size: int, opset: int = DEFAULT_OPSET, batch
     return lean
 
 
+def _import_exporter_meanwhile() -> threading.Thread:
+    """torch.onnx.export imports onnxscript's torch library on its first call (~0.5 s of Python).
+    Imported on a thread from here, that overlaps reading the checkpoint and the PyTorch reference,
+    whose convolutions run outside the GIL. A failed import is left to torch.onnx.export to report.
+    (torch.export's tracer, the other 0.4 s of first-call imports, made the export slower this way.)"""
+
+    def load() -> None:
+        with contextlib.suppress(Exception):
+            import onnxscript.function_libs.torch_lib.ops  # noqa: F401
+
+    thread = threading.Thread(target=load, name="surgeon-import-exporter", daemon=True)
+    thread.start()
+    return thread
+
+
 def save_onnx(model: LeanModel | onnx.ModelProto, path: str | Path) -> Path:
     """Atomic write; models over 2 GB keep their tensors in ``<path>.data``."""
     lean = model if isinstance(model, LeanModel) else LeanModel.from_proto(model)
     return lean.save(path)[0]
 
 
+@young_collections()  # its collections free the traced model and replaced weights, not rescan torch's heap
 def export_checkpoint(grown: str | Path, output: str | Path | None = None, *, opset: int = DEFAULT_OPSET,
                       trust_code: bool = False, calib: str | None = None, tolerance: float | None = None,
                       fold: bool = True, precision: str = "fp32", batch: BatchRange = BatchRange(),
@@ -135,6 +153,7 @@ def export_checkpoint(grown: str | Path, output: str | Path | None = None, *, op
                                "(part of them is held out to measure agreement with fp32)")
         quantization = quantization or QuantizeOptions(str(calib))
         quantization.check()
+    exporter = _import_exporter_meanwhile()
     # One copy of the weights all the way: the checkpoint's tensors become the model's parameters (no
     # weight is initialized), the exported graph views them, and a pass that rewrites a tensor frees
     # the old one (the model is dropped below). Not memory-mapped: a mapping lives until its last
@@ -142,10 +161,11 @@ def export_checkpoint(grown: str | Path, output: str | Path | None = None, *, op
     ckpt = read_checkpoint(grown)
     model = ckpt.build_model(trust_code=trust_code, share_weights=True)
     out = Path(output) if output else Path(grown).with_name("model.onnx")
-    lean = to_onnx(model, ckpt.preprocessing.input_size, opset, batch)
-    set_metadata(lean.proto, {**metadata(ckpt), "surgeon.batch": str(batch)})
     reference = torch_reference(model, ckpt.preprocessing, calib=calib, batches=batch.verify_batches(),
                                 max_batch=batch.max)
+    exporter.join()
+    lean = to_onnx(model, ckpt.preprocessing.input_size, opset, batch)
+    set_metadata(lean.proto, {**metadata(ckpt), "surgeon.batch": str(batch)})
     del model
     ckpt.state_dict = {}
     gc.collect()  # the traced model is cyclic: free it (and the tensors only it held) now

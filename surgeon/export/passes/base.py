@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from surgeon.collect import young_collections
 from surgeon.export.lean import LeanModel
 # Re-exported: the IR helpers and results were defined here before the passes moved to one IR.
 from surgeon.export.passes.graph import constant_value, export_graph, import_graph, is_graph_output, lean_of, refresh_shapes
@@ -41,7 +42,7 @@ class PassManager:
         in_place = isinstance(model, LeanModel)
         lean = lean_of(model)
         results: list[PassResult] = []
-        with _young_collections(), _no_huge_pages():
+        with young_collections(), _no_huge_pages():
             graph = import_graph(lean)  # the only conversion into the IR
             for _ in range(self.max_rounds):
                 changed = False
@@ -83,21 +84,6 @@ def _no_huge_pages() -> Iterator[None]:
         yield
     finally:
         set_madvise(before)
-
-
-@contextlib.contextmanager
-def _young_collections() -> Iterator[None]:
-    """Collections that scan only what was made inside (the graph, the tensors passes replace): the
-    objects alive before (torch's heap, the traced model: ~0.5 M of them) are frozen meanwhile, so a
-    collection takes milliseconds instead of ~0.4 s. Left alone where someone froze already."""
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def default_passes(fold: bool = True) -> PassManager:
