@@ -24,7 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from surgeon.errors import SurgeonError
-from surgeon.fileio import atomic_write
+from surgeon.fileio import DirectWriter, atomic_write, fsync_file
 
 SMALL_TENSOR = 4096  # elements; shape vectors and the like stay in the proto, so shape inference reads them
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes; below protobuf's 2 GiB hard limit, with room for the graph
@@ -173,12 +173,14 @@ class LeanModel:
         """The proto with inferred value_info (a copy of the small proto)."""
         return onnx.shape_inference.infer_shapes(self.proto, data_prop=True)
 
-    def save(self, path: str | Path) -> list[Path]:
-        """Write atomically, streaming the tensors; over the protobuf limit the tensors go to
-        ``<path>.data``. Returns the files written."""
+    def save(self, path: str | Path, *, direct: bool = True) -> list[Path]:
+        """Write atomically and durably, streaming the tensors; over the protobuf limit the tensors go
+        to ``<path>.data``. The tensors bypass the page cache where the filesystem allows
+        (:class:`~surgeon.fileio.DirectWriter`); ``direct=False`` for a file that is read back at once.
+        Returns the files written."""
         path = Path(path)
         if not self.is_large():
-            return [atomic_write(path, lambda tmp: self._write_single(Path(tmp)))]
+            return [atomic_write(path, lambda tmp: self._write_single(Path(tmp), direct))]
         # Two files, both written in a private folder beside the target and renamed into place,
         # the data first (the model file names it).
         try:
@@ -188,7 +190,9 @@ class LeanModel:
             raise SurgeonError(f"cannot write {path}: {exc.strerror or exc}") from None
         data_name = f"{path.name}.data"
         try:
-            self._write_external(tmpdir / path.name, data_name)
+            self._write_external(tmpdir / path.name, data_name, direct)
+            for written in (tmpdir / data_name, tmpdir / path.name):  # on the disk before either is renamed
+                fsync_file(written)
             os.replace(tmpdir / data_name, path.parent / data_name)
             os.replace(tmpdir / path.name, path)
             return [path, path.parent / data_name]
@@ -199,19 +203,19 @@ class LeanModel:
                 leftover.unlink()
             tmpdir.rmdir()
 
-    def _write_single(self, path: Path) -> None:
+    def _write_single(self, path: Path, direct: bool = True) -> None:
         """One protobuf file: the head, then each tensor as its own ``graph { initializer {...} }``
         record. Protobuf merges repeated occurrences of a message field, so readers see one graph
         whose initializers are the head's plus these — and no tensor is ever copied whole."""
-        with open(path, "wb") as f:
+        with DirectWriter(path, direct=direct) as f:  # atomic_write fsyncs after
             f.write(self._head().SerializeToString())
             for name, array in self.weights.items():
                 _write_initializer_record(f, name, array)
 
-    def _write_external(self, path: Path, data_name: str) -> None:
+    def _write_external(self, path: Path, data_name: str, direct: bool = True) -> None:
         head = self._head()
         offset = 0
-        with open(path.parent / data_name, "wb") as data:
+        with DirectWriter(path.parent / data_name, direct=direct) as data:
             for name, array in self.weights.items():
                 array = _little_endian(array)
                 pad = -offset % _ALIGN
@@ -261,7 +265,7 @@ def _raw(array: np.ndarray) -> memoryview:
     return memoryview(array.reshape(-1).view(np.uint8))
 
 
-def _write_initializer_record(f: IO[bytes], name: str, array: np.ndarray) -> None:
+def _write_initializer_record(f: DirectWriter | IO[bytes], name: str, array: np.ndarray) -> None:
     array = _little_endian(array)
     meta = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
     meta_bytes = meta.SerializeToString()

@@ -365,7 +365,7 @@ class _Quantizer:
                  reduce_range: bool = False) -> None:
         # A file, not a ModelProto: ONNX Runtime's quantizer moves an in-memory model's tensors to
         # external data in its own temporary folder, which a second call would then miss.
-        self.source = model.save(workdir / "fp32.onnx")[0]
+        self.source = model.save(workdir / "fp32.onnx", direct=False)[0]  # read back at once: keep it cached
         self.large = model.is_large()
         self.input = model.inputs[0].name
         self.method = method

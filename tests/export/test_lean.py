@@ -102,6 +102,19 @@ def test_external_data_over_the_threshold(tmp_path, monkeypatch):
         lean.weights["w2"].tobytes()
 
 
+@pytest.mark.parametrize("large", [False, True])
+def test_direct_and_page_cache_writes_give_the_same_files(tmp_path, monkeypatch, large):
+    """save() bypasses the page cache where it can (DirectWriter); the bytes are those of an ordinary write."""
+    if large:
+        monkeypatch.setattr(lean_mod, "EXTERNAL_DATA_THRESHOLD", 1000)
+    lean = LeanModel.from_proto(_mlp())
+    direct = lean.save(tmp_path / "direct" / "m.onnx")
+    cached = lean.save(tmp_path / "cached" / "m.onnx", direct=False)
+    assert [p.name for p in direct] == [p.name for p in cached] == (["m.onnx", "m.onnx.data"] if large else ["m.onnx"])
+    for a, b in zip(direct, cached):
+        assert a.read_bytes() == b.read_bytes()
+
+
 def test_save_to_an_unwritable_place_leaves_nothing(tmp_path):
     lean = LeanModel.from_proto(_mlp())
     blocker = tmp_path / "file"
