@@ -1,5 +1,6 @@
 """Where `surgeon export`'s time goes on the grown VGG16 of ``surgery.py`` (fc6 and fc7 widened by
-1024, 100 classes, 0.68 GB): each run in a fresh interpreter, with timers around the stages of
+1024, 100 classes, 0.68 GB): ``surgeon export`` as users run it, each run in a fresh interpreter
+(its wall time includes starting and shutting down), with timers around the stages of
 ``export_checkpoint`` — imports, reading the checkpoint, ``torch.onnx.export``, the PyTorch reference,
 the export stage's whole-model ONNX Runtime check, the passes with their verification, the atomic
 write — beside onnxsim on the same model's ``--no-fold`` file, the two alternating (A B B A ...).
@@ -24,11 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from surgery import GROW  # sibling script (benchmarks/ is on sys.path)
+from surgery import GROW, warm  # sibling script (benchmarks/ is on sys.path)
 
-# Runs in a fresh interpreter: argv = checkpoint, output, optimize (0/1); prints one JSON line.
+# Runs `surgeon export` in a fresh interpreter, with timers around its stages: argv = checkpoint,
+# output, optimize (0/1); prints one JSON line.
 STAGES = """
-import json, sys, time
+import contextlib, io, json, sys, time
 t0 = time.perf_counter()
 import torch
 import surgeon.export.incremental as incremental
@@ -47,9 +49,9 @@ def timed(owner, name, key):
             times[key] = times.get(key, 0.0) + time.perf_counter() - t
     setattr(owner, name, wrapper)
 
-real_export = torch.onnx.export
+real_export, optimize = torch.onnx.export, sys.argv[3] == "1"
 def onnx_export(*a, **k):
-    k["optimize"] = sys.argv[3] == "1"
+    k["optimize"] = optimize
     return real_export(*a, **k)
 torch.onnx.export = onnx_export
 timed(export, "read_checkpoint", "read checkpoint")
@@ -63,10 +65,20 @@ def default_passes(*a, **k):
     timed(manager, "run", "passes, each verified")
     return manager
 passes.default_passes = default_passes
-result = export.export_checkpoint(sys.argv[1], sys.argv[2])
-times["total in process"] = time.perf_counter() - t0
-times["ops left"] = sum(result.ops_after.values())
-print(json.dumps(times))
+real_checkpoint = export.export_checkpoint
+def export_checkpoint(*a, **k):
+    result = real_checkpoint(*a, **k)
+    times["ops left"] = sum(result.ops_after.values())
+    return result
+export.export_checkpoint = export_checkpoint
+import surgeon.cli
+sys.argv = ["surgeon", "export", sys.argv[1], "-o", sys.argv[2]]
+try:
+    with contextlib.redirect_stdout(io.StringIO()):
+        surgeon.cli.main()  # what users run; ends in SystemExit
+finally:
+    times["total in process"] = time.perf_counter() - t0
+    print(json.dumps(times), flush=True)
 """
 ONNXSIM = "import onnx, onnxsim, sys; m, ok = onnxsim.simplify(onnx.load(sys.argv[1])); assert ok; onnx.save(m, sys.argv[2])"
 UNFOLDED = "import sys; from surgeon.export.onnx_export import export_checkpoint; export_checkpoint(sys.argv[1], sys.argv[2], fold=False)"
@@ -100,6 +112,7 @@ def main() -> None:
                 surgeon_runs.append({"wall": seconds, **stages})
                 print(f"surgeon export {seconds:5.1f} s: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()), flush=True)
             else:
+                warm(unfolded)  # surgeon wrote it past the page cache; onnxsim starts from a cached input, as surgeon does
                 seconds, _ = wall("-c", ONNXSIM, unfolded, sim, python=args.onnxsim_python)
                 onnxsim_runs.append(seconds)
                 print(f"onnxsim        {seconds:5.1f} s", flush=True)

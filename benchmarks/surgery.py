@@ -1,5 +1,6 @@
-"""Surgery on a grown VGG16: wall time and peak memory of export + passes + verification, beside
-onnxsim and onnxslim simplifying the same exported file (their simplification only).
+"""Surgery on a grown VGG16: wall time and peak memory of ``surgeon export`` (export + passes +
+verification, the CLI as users run it), beside onnxsim and onnxslim simplifying the same exported
+file (their simplification only).
 
 Each tool runs in its own process; peak memory is that process's maximum resident set size. Each
 tool's baseline is the same process doing the same work on a tiny model (libraries loaded and
@@ -42,12 +43,14 @@ from surgeon.export.onnx_export import to_onnx
 to_onnx(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10)), 8).save(sys.argv[6])
 """
 RUN_TINY = "import numpy as np; OrtRunner(sys.argv[6]).run(np.zeros((1, 3, 8, 8), np.float32))\n"
+# `surgeon export` as users run it (the CLI in a fresh interpreter: starting and shutting down count).
+CLI = "from surgeon.cli import main; sys.argv = ['surgeon', 'export', {}]; main()"
 TOOLS = {
     "surgeon export (export + passes + verification)": (
-        "from surgeon.export.onnx_export import export_checkpoint; export_checkpoint(sys.argv[1], sys.argv[2])",
+        CLI.format("sys.argv[1], '-o', sys.argv[2]"),
         "from surgeon.export.verify import OrtRunner; import onnx_graphsurgeon" + TINY + RUN_TINY),
     "surgeon export --no-fold (export + cleanup + verification)": (
-        "from surgeon.export.onnx_export import export_checkpoint; export_checkpoint(sys.argv[1], sys.argv[3], fold=False)",
+        CLI.format("sys.argv[1], '-o', sys.argv[3], '--no-fold'"),
         "from surgeon.export.verify import OrtRunner; import onnx_graphsurgeon" + TINY + RUN_TINY),
     "onnxsim on the --no-fold file": (
         "import onnx, onnxsim; m, ok = onnxsim.simplify(onnx.load(sys.argv[3])); assert ok; onnx.save(m, sys.argv[4])",
@@ -60,13 +63,27 @@ TOOLS = {
 
 def run(code: str, *args: str) -> tuple[float, float]:
     """Wall seconds and peak RSS (GB) of ``code`` in a fresh interpreter."""
-    wrapper = f"import sys, resource\n{code}\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    # Printed at exit, so that code ending in SystemExit (the CLI) reports too; the last line of stdout.
+    wrapper = ("import sys, resource, atexit\n"
+               f"atexit.register(lambda: print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n{code}")
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"failed: {code[:60]}...\n{proc.stderr[-2000:]}")
     return wall, int(proc.stdout.strip().splitlines()[-1]) / 1e6  # ru_maxrss is in KiB on Linux
+
+
+def warm(*paths: str) -> None:
+    """Read the tools' inputs into the page cache: every tool starts from a cached input (surgeon
+    writes its models past the page cache, so the ``--no-fold`` file would otherwise be read from
+    the disk by onnxsim and onnxslim only)."""
+    for p in paths:
+        if not Path(p).exists():  # the --no-fold file, before surgeon has written it
+            continue
+        with open(p, "rb") as f:
+            while f.read(16 << 20):
+                pass
 
 
 def main() -> None:
@@ -93,6 +110,7 @@ def main() -> None:
         print(f"grown VGG16 checkpoint: {size_gb:.2f} GB")
         for name, (code, baseline_code) in TOOLS.items():
             _, base = run(baseline_code, *files)
+            warm(files[0], files[2])
             wall, rss = run(code, *files)
             rows.append({"tool": name, "wall_s": wall, "peak_rss_gb": rss, "baseline_rss_gb": base,
                          "peak_over_model": rss / size_gb, "above_baseline_over_model": (rss - base) / size_gb})
@@ -113,10 +131,9 @@ def large(d: Path, units: int) -> dict:
         f.unlink()
     run(GROW, str(ckpt), f"classifier.0={units}")
     size_gb = ckpt.stat().st_size / 1e9
-    wall, rss = run("from surgeon.export.onnx_export import export_checkpoint; export_checkpoint(sys.argv[1], sys.argv[2])",
-                    str(ckpt), str(onnx_path))
+    wall, rss = run(CLI.format("sys.argv[1], '-o', sys.argv[2]"), str(ckpt), str(onnx_path))
     files = {p.name: p.stat().st_size / 1e9 for p in d.iterdir() if p.name.startswith("large.onnx")}
-    vwall, vrss = run("from surgeon.cli import cli; cli(['verify', sys.argv[2], '--against', sys.argv[1]], standalone_mode=False)",
+    vwall, vrss = run("from surgeon.cli import main; sys.argv = ['surgeon', 'verify', sys.argv[2], '--against', sys.argv[1]]; main()",
                       str(ckpt), str(onnx_path))
     print(f"grown VGG16 fc6 +{units}: checkpoint {size_gb:.2f} GB; files {files}")
     print(f"  surgeon export: {wall:.1f} s, peak {rss:.2f} GB ({rss / size_gb:.2f}x the model)")
