@@ -43,14 +43,14 @@ from surgeon.export.onnx_export import to_onnx
 to_onnx(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10)), 8).save(sys.argv[6])
 """
 RUN_TINY = "import numpy as np; OrtRunner(sys.argv[6]).run(np.zeros((1, 3, 8, 8), np.float32))\n"
-# `surgeon export` as users run it (the CLI in a fresh interpreter: starting and shutting down count).
-CLI = "from surgeon.cli import main; sys.argv = ['surgeon', 'export', {}]; main()"
+# A surgeon command as users run it (the CLI in a fresh interpreter: starting and shutting down count).
+CLI = "from surgeon.cli import main; sys.argv = ['surgeon', {}]; main()"
 TOOLS = {
     "surgeon export (export + passes + verification)": (
-        CLI.format("sys.argv[1], '-o', sys.argv[2]"),
+        CLI.format("'export', sys.argv[1], '-o', sys.argv[2]"),
         "from surgeon.export.verify import OrtRunner; import onnx_graphsurgeon" + TINY + RUN_TINY),
     "surgeon export --no-fold (export + cleanup + verification)": (
-        CLI.format("sys.argv[1], '-o', sys.argv[3], '--no-fold'"),
+        CLI.format("'export', sys.argv[1], '-o', sys.argv[3], '--no-fold'"),
         "from surgeon.export.verify import OrtRunner; import onnx_graphsurgeon" + TINY + RUN_TINY),
     "onnxsim on the --no-fold file": (
         "import onnx, onnxsim; m, ok = onnxsim.simplify(onnx.load(sys.argv[3])); assert ok; onnx.save(m, sys.argv[4])",
@@ -131,10 +131,9 @@ def large(d: Path, units: int) -> dict:
         f.unlink()
     run(GROW, str(ckpt), f"classifier.0={units}")
     size_gb = ckpt.stat().st_size / 1e9
-    wall, rss = run(CLI.format("sys.argv[1], '-o', sys.argv[2]"), str(ckpt), str(onnx_path))
+    wall, rss = run(CLI.format("'export', sys.argv[1], '-o', sys.argv[2]"), str(ckpt), str(onnx_path))
     files = {p.name: p.stat().st_size / 1e9 for p in d.iterdir() if p.name.startswith("large.onnx")}
-    vwall, vrss = run("from surgeon.cli import main; sys.argv = ['surgeon', 'verify', sys.argv[2], '--against', sys.argv[1]]; main()",
-                      str(ckpt), str(onnx_path))
+    vwall, vrss = run(CLI.format("'verify', sys.argv[2], '--against', sys.argv[1]"), str(ckpt), str(onnx_path))
     print(f"grown VGG16 fc6 +{units}: checkpoint {size_gb:.2f} GB; files {files}")
     print(f"  surgeon export: {wall:.1f} s, peak {rss:.2f} GB ({rss / size_gb:.2f}x the model)")
     print(f"  surgeon verify: {vwall:.1f} s, peak {vrss:.2f} GB ({vrss / size_gb:.2f}x the model)")
